@@ -1,0 +1,20 @@
+"""AdaPruner: structured pruning of LLMs with searched calibration data and importance metrics."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .api import PruneConfig, PruneResult, evaluate, info, load_pruned, prune
+from .errors import AdaPrunerError, OfflineError
+
+__all__ = [
+    "AdaPrunerError",
+    "OfflineError",
+    "PruneConfig",
+    "PruneResult",
+    "__version__",
+    "evaluate",
+    "info",
+    "load_pruned",
+    "prune",
+]

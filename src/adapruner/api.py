@@ -1,0 +1,215 @@
+"""The Python API. Every CLI command is one of these functions."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .errors import AdaPrunerError
+from .importance import collect_gradients, get_metric, score_group
+from .importance.base import AGGREGATIONS, Statistics
+from .models.base import ModelAdapter, get_adapter
+from .models.groups import HEAD_MODES, layer_groups
+from .models.loading import load_causal_lm, load_model
+from .pruning.apply import prune_physically
+from .pruning.io import check_output_dir, read_record, save_pruned, write_json_atomic
+from .pruning.plan import (
+    Budget,
+    PrunePlan,
+    count_params,
+    parse_layer_range,
+    plan_from_scores,
+    rate_summary,
+    solve_keep_counts,
+)
+from .util import log
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that decides a pruning run; recorded verbatim in ``adapruner.json``."""
+
+    model: str
+    ratio: float
+    metric: str = "element1"
+    aggregation: str = "sum"
+    calibration: str = "books"
+    num_samples: int = 10
+    seq_len: int = 64
+    layers: str | None = None
+    head_mode: str = "auto"
+    attention_scale: float = 1.0
+    round_to: int = 1
+    seed: int = 0
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        Budget(self.ratio, attention_scale=self.attention_scale, round_to=self.round_to)
+        get_metric(self.metric)
+        if self.aggregation not in AGGREGATIONS:
+            raise AdaPrunerError(f"unknown aggregation '{self.aggregation}': choose one of {', '.join(AGGREGATIONS)}")
+        if self.head_mode not in HEAD_MODES:
+            raise AdaPrunerError(f"unknown head mode '{self.head_mode}': choose one of {', '.join(HEAD_MODES)}")
+        if self.num_samples < 1 or self.seq_len < 2:
+            raise AdaPrunerError("--num-samples must be >= 1 and --seq-len >= 2")
+
+
+@dataclass
+class PruneResult:
+    model: torch.nn.Module
+    tokenizer: Any
+    plan: PrunePlan
+    record: dict
+    output: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[step] = round(time.perf_counter() - start, 2)
+    log(f"{step}: {timings[step]:.1f}s")
+
+
+def _statistics(model, tokenizer, adapter: ModelAdapter, layers: list[int], cfg: PruneConfig) -> Statistics:
+    if not get_metric(cfg.metric).needs_gradients:
+        return Statistics()
+    from .data import sample_calibration
+
+    samples = sample_calibration(tokenizer, cfg.calibration, cfg.num_samples, cfg.seq_len, seed=cfg.seed)
+    names = [n for i in layers for n in adapter.prunable_module_names(i).values()]
+    return collect_gradients(model, samples, names)
+
+
+def compute_plan(model: torch.nn.Module, tokenizer: Any, cfg: PruneConfig) -> tuple[PrunePlan, dict]:
+    """Score the groups of the pruned layers and keep the best units under the budget."""
+    adapter = get_adapter(model)
+    start, end = parse_layer_range(cfg.layers, adapter.num_layers)
+    budget = Budget(cfg.ratio, (start, end), cfg.attention_scale, cfg.round_to, cfg.head_mode)
+    dense_params = count_params(model)
+    keep = solve_keep_counts(adapter, budget, dense_params)
+    layers = list(range(start, end))
+    stats = _statistics(model, tokenizer, adapter, layers, cfg)
+    metric = get_metric(cfg.metric, seed=cfg.seed)
+    scores = {}
+    for group in layer_groups(adapter, layers, cfg.head_mode):
+        scores[(group.layer, group.kind)] = score_group(model, group, metric, stats, cfg.aggregation)
+    plan = plan_from_scores(adapter, scores, keep, cfg.head_mode)
+    info = {"layers": [start, end], "dense_params": dense_params, "rate": keep.rate}
+    return plan, info
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "adapruner": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def prune(
+    model: str,
+    ratio: float,
+    *,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    device_map: str | None = None,
+    **options: Any,
+) -> PruneResult:
+    """Prune ``model`` (asset name, local dir or hub id) by ``ratio`` of its parameters.
+
+    ``options`` are the fields of :class:`PruneConfig` (metric, calibration, layers, ...). With
+    ``output`` the pruned model is saved as an HF directory plus ``adapruner.json``.
+    """
+    cfg = PruneConfig(model=model, ratio=ratio, **options)
+    cfg.validate()
+    if output is not None:
+        check_output_dir(Path(output), overwrite)
+    timings: dict[str, float] = {}
+    with _timed(timings, "load"):
+        hf_model, tokenizer = load_model(model, cfg.dtype, device_map)
+    dense_shapes = get_adapter(hf_model).layer_shapes()
+    with _timed(timings, "score"):
+        plan, info = compute_plan(hf_model, tokenizer, cfg)
+    with _timed(timings, "prune"):
+        prune_physically(get_adapter(hf_model), plan)
+    pruned_params = count_params(hf_model)
+    log(f"pruned: {rate_summary(plan, dense_shapes)}")
+    record = {
+        "format": 1,
+        "source_model": model,
+        "model_type": hf_model.config.model_type,
+        "target_ratio": ratio,
+        "achieved_ratio": 1 - pruned_params / info["dense_params"],
+        "params": {"dense": info["dense_params"], "pruned": pruned_params},
+        "layer_range": info["layers"],
+        "config": asdict(cfg),
+        "layer_shapes": [s.to_dict() for s in plan.shapes()],
+        "plan": plan.to_dict(),
+        "versions": _versions(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    result = PruneResult(hf_model, tokenizer, plan, record, timings=timings)
+    if output is not None:
+        with _timed(timings, "save"):
+            result.output = save_pruned(hf_model, tokenizer, record, Path(output), overwrite)
+    return result
+
+
+def load_pruned(directory: str | Path, dtype: str = "float32", device_map: str | None = None) -> torch.nn.Module:
+    """Load a model saved by :func:`prune` (any per-layer sizes), without ``trust_remote_code``."""
+    read_record(Path(directory))
+    return load_causal_lm(str(directory), dtype, device_map)
+
+
+def evaluate(
+    model: str | torch.nn.Module,
+    *,
+    ppl: tuple[str, ...] | list[str] = ("wiki", "news"),
+    seq_len: tuple[int, ...] | list[int] = (128,),
+    max_tokens: int | None = 40_960,
+    batch_size: int = 8,
+    tokenizer: Any = None,
+    output: str | Path | None = None,
+    dtype: str = "float32",
+) -> dict:
+    """Perplexity of a model on the test split of each source, at each window length."""
+    from .data import token_stream
+    from .evaluation import perplexity
+
+    if isinstance(model, str | Path):
+        name = str(model)
+        model, tokenizer = load_model(name, dtype)
+    else:
+        name = getattr(model.config, "_name_or_path", "in-memory model")
+        if tokenizer is None:
+            raise AdaPrunerError("evaluate() on an in-memory model needs its tokenizer")
+    results: dict[str, Any] = {"model": name, "params": count_params(model), "perplexity": {}}
+    for source in ppl:
+        tokens = token_stream(tokenizer, source, "test", max_tokens)
+        for length in seq_len:
+            value = perplexity(model, tokens, length, batch_size)
+            results["perplexity"][f"{source}@{length}"] = value
+            log(f"{name}: {source} perplexity @{length} = {value:.2f}")
+    results["settings"] = {"split": "test", "max_tokens": max_tokens, "versions": _versions()}
+    if output is not None:
+        write_json_atomic(Path(output), results)
+    return results
+
+
+def info(directory: str | Path) -> dict:
+    """The record of a pruned model directory, without loading weights."""
+    return read_record(Path(directory))

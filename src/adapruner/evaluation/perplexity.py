@@ -1,0 +1,38 @@
+"""Perplexity over non-overlapping windows (LLM-Pruner's protocol: 128-token windows of the test split)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional
+from tqdm.auto import tqdm
+
+from ..errors import AdaPrunerError
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    seq_len: int = 128,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> float:
+    """exp(mean next-token NLL) over ``len(tokens) // seq_len`` windows; the tail is dropped."""
+    if seq_len < 2:
+        raise AdaPrunerError(f"--seq-len {seq_len} is too short for perplexity: use at least 2 (e.g. 128)")
+    num_windows = tokens.numel() // seq_len
+    if num_windows == 0:
+        raise AdaPrunerError(f"only {tokens.numel()} tokens of text: perplexity at --seq-len {seq_len} needs more")
+    windows = tokens[: num_windows * seq_len].view(num_windows, seq_len)
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    batches = windows.split(batch_size)
+    for batch in tqdm(batches, desc=f"perplexity@{seq_len}", disable=not progress, leave=False):
+        batch = batch.to(device)
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        nll = functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total_nll += nll.item()
+        total_tokens += batch[:, 1:].numel()
+    return math.exp(total_nll / total_tokens)

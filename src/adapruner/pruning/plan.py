@@ -1,0 +1,289 @@
+"""PrunePlan: the single decision object (kept heads and channels per layer).
+
+The search produces plans, masks and physical removal consume them, ``adapruner.json`` records them.
+``Budget`` turns a whole-model ratio into per-layer keep counts; ``plan_from_scores`` picks which
+units to keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import AdaPrunerError
+from ..models.base import LayerShape, ModelAdapter
+from ..models.groups import GroupSet, HeadMode, attention_group, mlp_group
+
+
+@dataclass
+class LayerPlan:
+    """Original indices of what stays in one layer (sorted)."""
+
+    query_heads: list[int]
+    kv_heads: list[int]
+    channels: list[int]
+
+    @property
+    def shape(self) -> LayerShape:
+        return LayerShape(len(self.query_heads), len(self.kv_heads), len(self.channels))
+
+
+@dataclass
+class PrunePlan:
+    layers: list[LayerPlan]
+    head_dim: int
+
+    @classmethod
+    def keep_all(cls, adapter: ModelAdapter) -> PrunePlan:
+        layers = [
+            LayerPlan(
+                list(range(s.num_attention_heads)),
+                list(range(s.num_key_value_heads)),
+                list(range(s.intermediate_size)),
+            )
+            for s in adapter.layer_shapes()
+        ]
+        return cls(layers, adapter.head_dim)
+
+    def shapes(self) -> list[LayerShape]:
+        return [layer.shape for layer in self.layers]
+
+    @property
+    def is_uniform(self) -> bool:
+        return len(set(self.shapes())) == 1
+
+    def to_dict(self) -> dict:
+        return {
+            "head_dim": self.head_dim,
+            "layers": [
+                {"query_heads": lp.query_heads, "kv_heads": lp.kv_heads, "channels": lp.channels} for lp in self.layers
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PrunePlan:
+        layers = [LayerPlan(d["query_heads"], d["kv_heads"], d["channels"]) for d in data["layers"]]
+        return cls(layers, int(data["head_dim"]))
+
+    def validate(self, adapter: ModelAdapter) -> None:
+        """Every kept KV head serves the same number of kept query heads, and only kept ones are read."""
+        if len(self.layers) != adapter.num_layers:
+            raise AdaPrunerError(f"plan has {len(self.layers)} layers but the model has {adapter.num_layers}")
+        for index, (lp, shape) in enumerate(zip(self.layers, adapter.layer_shapes(), strict=True)):
+            g = shape.queries_per_kv
+            per_kv = {kv: 0 for kv in lp.kv_heads}
+            for h in lp.query_heads:
+                if h // g not in per_kv:
+                    raise AdaPrunerError(f"layer {index}: query head {h} reads a removed KV head {h // g}")
+                per_kv[h // g] += 1
+            if not lp.query_heads or len(set(per_kv.values())) != 1:
+                raise AdaPrunerError(f"layer {index}: kept query heads are not spread evenly over KV heads")
+            if not lp.channels:
+                raise AdaPrunerError(f"layer {index}: every MLP channel was removed")
+
+
+# -- budget -> keep counts ------------------------------------------------------------------
+
+
+def default_layer_range(num_layers: int) -> tuple[int, int]:
+    """LLM-Pruner's habit (layers 4..30 of 32): leave the first ~1/8 and the last ~1/16 whole."""
+    start = max(1, round(num_layers * 4 / 32))
+    end = num_layers - max(1, round(num_layers * 2 / 32))
+    return (start, end) if start < end else (0, num_layers)
+
+
+def parse_layer_range(text: str | None, num_layers: int) -> tuple[int, int]:
+    """``"4:26"`` -> (4, 26), end exclusive; ``None`` -> the default range."""
+    if text is None:
+        return default_layer_range(num_layers)
+    try:
+        start_s, end_s = text.split(":")
+        start = int(start_s) if start_s else 0
+        end = int(end_s) if end_s else num_layers
+    except ValueError:
+        raise AdaPrunerError(f"--layers '{text}' is not of the form START:END (e.g. 4:26)") from None
+    if not 0 <= start < end <= num_layers:
+        raise AdaPrunerError(
+            f"--layers {text} is outside the model's {num_layers} layers: use START:END with "
+            f"0 <= START < END <= {num_layers}"
+        )
+    return start, end
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much to remove and where.
+
+    ``ratio`` is the fraction of the *whole model's* parameters to remove (embeddings included).
+    Inside ``layers`` (end exclusive) every layer loses the same fraction of its MLP channels ``r`` and
+    ``attention_scale * r`` of its attention units; ``r`` is solved so the total meets ``ratio``.
+    ``attention_scale=0`` leaves attention whole. MLP keep counts are rounded to ``round_to``.
+    """
+
+    ratio: float
+    layers: tuple[int, int] | None = None
+    attention_scale: float = 1.0
+    round_to: int = 1
+    head_mode: HeadMode = "auto"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ratio < 1.0:
+            raise AdaPrunerError(f"ratio {self.ratio} is outside (0, 1): give the fraction to remove, e.g. 0.2")
+        if self.attention_scale < 0:
+            raise AdaPrunerError("attention scale must be >= 0 (0 leaves attention whole)")
+        if self.round_to < 1:
+            raise AdaPrunerError("--round-to must be a positive integer")
+
+
+@dataclass
+class KeepCounts:
+    """Per-layer number of attention units and MLP channels to keep (None = layer untouched)."""
+
+    counts: list[tuple[int, int] | None]
+    rate: float
+    removed_params: int
+    total_params: int = field(default=0)
+
+    @property
+    def achieved_ratio(self) -> float:
+        return self.removed_params / self.total_params
+
+
+def _keep_units(group: GroupSet, rate: float) -> int:
+    per_block = group.num_units // group.blocks
+    keep = max(1, round(per_block * (1.0 - min(rate, 1.0))))
+    return keep * group.blocks
+
+
+def _keep_channels(group: GroupSet, rate: float, round_to: int) -> int:
+    keep = group.num_units * (1.0 - min(rate, 1.0))
+    keep = max(round_to, round(keep / round_to) * round_to) if round_to > 1 else max(1, round(keep))
+    return min(keep, group.num_units)
+
+
+def solve_keep_counts(adapter: ModelAdapter, budget: Budget, total_params: int) -> KeepCounts:
+    """Find the uniform rate whose discrete keep counts remove closest to ``ratio`` of the model."""
+    start, end = budget.layers or default_layer_range(adapter.num_layers)
+    groups = [(attention_group(adapter, i, budget.head_mode), mlp_group(adapter, i)) for i in range(start, end)]
+    target = budget.ratio * total_params
+
+    def counts_at(rate: float) -> tuple[list[tuple[int, int]], int]:
+        counts, removed = [], 0
+        for attn, mlp in groups:
+            a = _keep_units(attn, budget.attention_scale * rate)
+            m = _keep_channels(mlp, rate, budget.round_to)
+            counts.append((a, m))
+            removed += (attn.num_units - a) * attn.params_per_unit + (mlp.num_units - m) * mlp.params_per_unit
+        return counts, removed
+
+    _, max_removed = counts_at(1.0)
+    if max_removed < target:
+        raise AdaPrunerError(
+            f"ratio {budget.ratio} cannot be reached inside layers {start}:{end} (at most "
+            f"{max_removed / total_params:.3f}): widen --layers or raise the attention share"
+        )
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if counts_at(mid)[1] < target:
+            lo = mid
+        else:
+            hi = mid
+    best = min((lo, hi), key=lambda r: abs(counts_at(r)[1] - target))
+    counts, removed = counts_at(best)
+    per_layer: list[tuple[int, int] | None] = [None] * adapter.num_layers
+    for offset, c in enumerate(counts):
+        per_layer[start + offset] = c
+    return KeepCounts(per_layer, best, removed, total_params)
+
+
+# -- scores + keep counts -> plan -----------------------------------------------------------
+
+
+def _top_units(scores: torch.Tensor, keep: int, blocks: int) -> list[int]:
+    """Highest-scoring units, an equal number from each block (ties broken by lower index)."""
+    per_block = keep // blocks
+    block_len = scores.numel() // blocks
+    kept: list[int] = []
+    for b in range(blocks):
+        block = scores[b * block_len : (b + 1) * block_len].double()
+        order = sorted(range(block_len), key=lambda i: (-float(block[i]), i))
+        kept += [b * block_len + i for i in order[:per_block]]
+    return sorted(kept)
+
+
+def layer_plan(shape: LayerShape, attn: GroupSet, attn_units: list[int], channels: list[int]) -> LayerPlan:
+    """Translate kept attention units (query heads or KV groups) into kept query/KV heads."""
+    g = shape.queries_per_kv
+    if attn.num_units == shape.num_attention_heads and attn.blocks == shape.num_key_value_heads:
+        queries = attn_units
+        kv = sorted({h // g for h in queries})
+    else:
+        kv = attn_units
+        queries = [j * g + q for j in kv for q in range(g)]
+    return LayerPlan(queries, kv, channels)
+
+
+Scores = dict[tuple[int, str], torch.Tensor]
+
+
+def plan_from_scores(adapter: ModelAdapter, scores: Scores, keep: KeepCounts, head_mode: HeadMode) -> PrunePlan:
+    """Keep the top-scoring units of each pruned layer; layers outside the range stay whole."""
+    plan = PrunePlan.keep_all(adapter)
+    for layer, counts in enumerate(keep.counts):
+        if counts is None:
+            continue
+        attn = attention_group(adapter, layer, head_mode)
+        units = _top_units(scores[(layer, "attention")], counts[0], attn.blocks)
+        channels = _top_units(scores[(layer, "mlp")], counts[1], 1)
+        plan.layers[layer] = layer_plan(adapter.layer_shape(layer), attn, units, channels)
+    plan.validate(adapter)
+    return plan
+
+
+def planned_param_count(adapter: ModelAdapter, plan: PrunePlan, dense_params: int) -> int:
+    """Parameters after applying ``plan``, computed from group sizes (tests compare with the real count)."""
+    removed = 0
+    for layer, lp in enumerate(plan.layers):
+        shape = adapter.layer_shape(layer)
+        q_group = attention_group(adapter, layer, "query")
+        kv_group = attention_group(adapter, layer, "kv-group")
+        mlp = mlp_group(adapter, layer)
+        removed_kv = shape.num_key_value_heads - len(lp.kv_heads)
+        removed_q_inside = (shape.num_attention_heads - len(lp.query_heads)) - removed_kv * shape.queries_per_kv
+        removed += removed_kv * kv_group.params_per_unit + removed_q_inside * q_group.params_per_unit
+        removed += (shape.intermediate_size - len(lp.channels)) * mlp.params_per_unit
+    return dense_params - removed
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def rate_summary(plan: PrunePlan, dense: list[LayerShape]) -> str:
+    """Short human summary, e.g. ``heads 9->6, channels 1536->1075 in layers 4:28``."""
+    changed = [i for i, (a, b) in enumerate(zip(plan.shapes(), dense, strict=True)) if a != b]
+    if not changed:
+        return "nothing removed"
+    s, d = plan.shapes()[changed[0]], dense[changed[0]]
+    return (
+        f"heads {d.num_attention_heads}->{s.num_attention_heads} (kv {d.num_key_value_heads}->"
+        f"{s.num_key_value_heads}), channels {d.intermediate_size}->{s.intermediate_size} "
+        f"in {len(changed)} layers ({changed[0]}..{changed[-1]})"
+    )
+
+
+__all__ = [
+    "Budget",
+    "KeepCounts",
+    "LayerPlan",
+    "PrunePlan",
+    "count_params",
+    "default_layer_range",
+    "parse_layer_range",
+    "plan_from_scores",
+    "planned_param_count",
+    "solve_keep_counts",
+]

@@ -1,0 +1,99 @@
+"""Masked model == physically pruned model, and parameter counts match the plan, for every adapter."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from adapruner.models import attention_group, get_adapter, mlp_group
+from adapruner.pruning import Budget, masked, plan_from_scores, prune_physically, solve_keep_counts
+from adapruner.pruning.plan import count_params, planned_param_count
+
+
+def random_plan(model, ratio: float, head_mode: str, seed: int = 0):
+    adapter = get_adapter(model)
+    keep = solve_keep_counts(adapter, Budget(ratio, (0, adapter.num_layers), head_mode=head_mode), count_params(model))
+    gen = torch.Generator().manual_seed(seed)
+    scores = {}
+    for layer in range(adapter.num_layers):
+        scores[(layer, "attention")] = torch.rand(attention_group(adapter, layer, head_mode).num_units, generator=gen)
+        scores[(layer, "mlp")] = torch.rand(mlp_group(adapter, layer).num_units, generator=gen)
+    return plan_from_scores(adapter, scores, keep, head_mode), keep
+
+
+@pytest.mark.parametrize("head_mode", ["auto", "kv-group", "query"])
+def test_masked_equals_physical(tiny_model, tokens, head_mode):
+    plan, _ = random_plan(tiny_model, 0.3, head_mode)
+    adapter = get_adapter(tiny_model)
+    dense = tiny_model(tokens).logits
+    with masked(adapter, plan):
+        masked_logits = tiny_model(tokens).logits
+    assert torch.equal(tiny_model(tokens).logits, dense), "masks must be removed after the block"
+    assert not torch.allclose(masked_logits, dense, atol=1e-4), "the plan must change the model"
+    pruned = copy.deepcopy(tiny_model)
+    prune_physically(get_adapter(pruned), plan)
+    torch.testing.assert_close(pruned(tokens).logits, masked_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_mode", ["auto", "kv-group", "query"])
+def test_param_count_matches_plan(tiny_model, head_mode):
+    dense = count_params(tiny_model)
+    plan, keep = random_plan(tiny_model, 0.3, head_mode)
+    adapter = get_adapter(tiny_model)
+    expected = planned_param_count(adapter, plan, dense)
+    prune_physically(adapter, plan)
+    assert count_params(tiny_model) == expected == dense - keep.removed_params
+    assert get_adapter(tiny_model).layer_shapes() == plan.shapes()
+
+
+def test_generate_after_pruning_uses_cache(tokens):
+    from conftest import make_tiny
+
+    model = make_tiny("llama-gqa")
+    plan, _ = random_plan(model, 0.3, "query")
+    prune_physically(get_adapter(model), plan)
+    out = model.generate(tokens[:1, :5], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+def test_query_heads_follow_repeat_kv_layout():
+    """Zeroing KV head j's values silences exactly query heads j*g..(j+1)*g-1 (transformers' layout)."""
+    from conftest import make_tiny
+
+    model = make_tiny("llama-gqa")  # 6 query heads, 2 KV heads -> g = 3
+    adapter = get_adapter(model)
+    d, g = adapter.head_dim, 3
+    attn = adapter.layer(0)
+    captured = {}
+    attn.o_proj.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", args[0].detach()))
+    with torch.no_grad():
+        attn.v_proj.weight[d : 2 * d] = 0  # KV head 1
+    model(torch.arange(10).view(1, 10))
+    per_head = captured["x"].view(1, 10, 6, d).abs().sum(dim=(0, 1, 3))
+    assert torch.all(per_head[g:] == 0) and torch.all(per_head[:g] > 0)
+    group = attention_group(adapter, 0, "kv-group")
+    q_member = next(m for m in group.members if m.role == "q_proj")
+    assert q_member.indices[1].tolist() == list(range(g * d, 2 * g * d))
+
+
+def test_budget_meets_ratio_closely():
+    from conftest import make_tiny
+
+    model = make_tiny("llama-gqa", layers=6)
+    adapter = get_adapter(model)
+    total = count_params(model)
+    keep = solve_keep_counts(adapter, Budget(0.2, (1, 5), attention_scale=0.0), total)
+    assert abs(keep.achieved_ratio - 0.2) < 0.01
+    assert keep.counts[0] is None and keep.counts[5] is None
+    assert all(c[0] == 6 for c in keep.counts[1:5])  # attention_scale 0 leaves heads whole
+
+
+def test_round_to_multiple():
+    from conftest import make_tiny
+
+    model = make_tiny("llama-mha")
+    adapter = get_adapter(model)
+    keep = solve_keep_counts(adapter, Budget(0.2, (0, 4), round_to=8), count_params(model))
+    assert all(c[1] % 8 == 0 for c in keep.counts)
