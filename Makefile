@@ -30,7 +30,7 @@ demo: assets
 	$(PY) scripts/demo.py
 
 bench: assets
-	$(PY) benchmarks/pruning_cost.py
+	$(PY) benchmarks/speedup.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

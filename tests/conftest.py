@@ -49,3 +49,77 @@ def tiny_model(request) -> torch.nn.Module:
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(1))
+
+
+WORDS = [
+    "the",
+    "model",
+    "prunes",
+    "heads",
+    "and",
+    "channels",
+    "while",
+    "calibration",
+    "text",
+    "guides",
+    "which",
+    "weights",
+    "matter",
+    "most",
+    "for",
+    "language",
+    "modelling",
+    "on",
+    "held",
+    "out",
+    "data",
+    "small",
+    "models",
+    "run",
+    "fast",
+    "on",
+    "two",
+    "cores",
+]
+
+
+def write_corpus(path, documents: int = 60, words: int = 120, seed: int = 0) -> None:
+    """A local .txt source: documents separated by blank lines, pseudo-random but deterministic."""
+    rng = torch.Generator().manual_seed(seed)
+    docs = []
+    for _ in range(documents):
+        idx = torch.randint(0, len(WORDS), (words,), generator=rng).tolist()
+        docs.append(" ".join(WORDS[i] for i in idx) + ".")
+    path.write_text("\n\n".join(docs) + "\n")
+
+
+def make_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE trained on the fly, so tests need no download."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" ".join(WORDS)] * 20, vocab_size=vocab_size, min_frequency=1, show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="</s>", bos_token="<s>")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved tiny LLaMA-GQA model with a tokenizer, plus a local corpus, as a user would have them."""
+    tokenizer = make_tokenizer()
+    config_cls, extra = TINY["llama-gqa"]
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        intermediate_size=40,
+        num_hidden_layers=4,
+        head_dim=8,
+        max_position_embeddings=256,
+        **extra,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    write_corpus(tmp_path / "corpus.txt")
+    return tmp_path

@@ -37,7 +37,7 @@ def check_output_dir(output: Path, overwrite: bool) -> None:
     parent = output.resolve().parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise AdaPrunerError(
             f"output {output} is not writable (no write permission on {parent}): choose another --output"
         )

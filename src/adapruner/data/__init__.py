@@ -1,0 +1,24 @@
+"""Text sources (offline, hub, local files) and the token tensors built from them."""
+
+from adapruner.data.calibration import sample_calibration, token_stream
+from adapruner.data.sources import (
+    HUB_SOURCES,
+    OFFLINE_SOURCES,
+    SOURCES,
+    SPLITS,
+    available_sources,
+    load_documents,
+    split_documents,
+)
+
+__all__ = [
+    "HUB_SOURCES",
+    "OFFLINE_SOURCES",
+    "SOURCES",
+    "SPLITS",
+    "available_sources",
+    "load_documents",
+    "sample_calibration",
+    "split_documents",
+    "token_stream",
+]

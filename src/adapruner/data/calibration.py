@@ -1,0 +1,56 @@
+"""Token tensors for pruning: random calibration windows and contiguous streams for perplexity."""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING
+
+import torch
+
+from adapruner.data.sources import load_documents
+from adapruner.errors import AdaPrunerError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+def sample_calibration(
+    tokenizer: PreTrainedTokenizerBase, source: str, num_samples: int, seq_len: int, seed: int = 0
+) -> torch.LongTensor:
+    """``[num_samples, seq_len]`` token windows drawn LLM-Pruner style from the calibration split.
+
+    Every document offers its non-overlapping ``seq_len`` windows (``doc_len // seq_len`` slots);
+    ``num_samples`` slots are drawn without replacement with ``random.Random(seed)``, so samples
+    never span two documents, never repeat, and the same seed gives the same batch.
+    """
+    if num_samples < 1 or seq_len < 1:
+        raise AdaPrunerError(f"num_samples and seq_len must be at least 1, got {num_samples} and {seq_len}")
+    documents = _encode(tokenizer, load_documents(source, "calibration"))
+    slots = [(doc, start) for doc, ids in enumerate(documents) for start in range(0, len(ids) - seq_len + 1, seq_len)]
+    if len(slots) < num_samples:
+        raise AdaPrunerError(
+            f"source '{source}' has only {len(slots)} windows of {seq_len} tokens in its calibration split; "
+            "ask for fewer samples or shorter --seq-len"
+        )
+    chosen = random.Random(seed).sample(slots, num_samples)
+    return torch.tensor([documents[doc][start : start + seq_len] for doc, start in chosen], dtype=torch.long)
+
+
+def token_stream(
+    tokenizer: PreTrainedTokenizerBase, source: str, split: str, max_tokens: int | None = None
+) -> torch.LongTensor:
+    """The split's documents joined with blank lines as one 1-D token tensor, for perplexity."""
+    if max_tokens is not None and max_tokens < 1:
+        raise AdaPrunerError(f"max_tokens must be at least 1 or None, got {max_tokens}")
+    text = "\n\n".join(load_documents(source, split))
+    if not text.strip():
+        raise AdaPrunerError(f"source '{source}' has no text in its {split} split: use a source with more text")
+    ids = _encode(tokenizer, [text])[0]
+    return torch.tensor(ids[:max_tokens], dtype=torch.long)
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids without special tokens; ``verbose=False`` silences the max-length warning for long docs."""
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]

@@ -1,0 +1,143 @@
+"""The CLI end to end on a tiny saved model, and every bad input: one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from adapruner.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def prune_args(root, *extra: str) -> list[str]:
+    return [
+        "prune",
+        root / "tiny",
+        "--ratio",
+        "0.15",
+        "--calibration",
+        root / "corpus.txt",
+        "--seq-len",
+        "16",
+        "--layers",
+        "1:3",
+        *extra,
+    ]
+
+
+def test_prune_info_evaluate_roundtrip(tiny_model_dir):
+    root = tiny_model_dir
+    result = run(*prune_args(root, "--output", root / "out"))
+    assert result.exit_code == 0, result.output
+    record = json.loads((root / "out" / "adapruner.json").read_text())
+    assert record["config"]["metric"] == "element1" and record["config"]["calibration"].endswith("corpus.txt")
+    assert record["layer_shapes"][0] == {"num_attention_heads": 6, "num_key_value_heads": 2, "intermediate_size": 40}
+    assert record["params"]["pruned"] < record["params"]["dense"]
+    assert abs(record["achieved_ratio"] - 0.15) < 0.03
+    assert run("info", root / "out").exit_code == 0
+    result = run(
+        "evaluate", root / "out", "--ppl", root / "corpus.txt", "--seq-len", "16,32", "--output", root / "eval.json"
+    )
+    assert result.exit_code == 0, result.output
+    ppl = json.loads((root / "eval.json").read_text())["perplexity"]
+    assert set(ppl) == {f"{root / 'corpus.txt'}@16", f"{root / 'corpus.txt'}@32"}
+    assert all(1.0 < v < 1e6 for v in ppl.values())
+
+
+def test_l2_needs_no_calibration(tiny_model_dir):
+    root = tiny_model_dir
+    result = run(
+        "prune",
+        root / "tiny",
+        "--ratio",
+        "0.2",
+        "--metric",
+        "l2",
+        "--calibration",
+        "nowhere.txt",
+        "--layers",
+        "0:4",
+        "--output",
+        root / "out",
+    )
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--ratio", "1.5"], "outside (0, 1)"),
+        (["--ratio", "0.6"], "cannot be reached inside layers 1:3"),
+        (["--ratio", "0"], "outside (0, 1)"),
+        (["--metric", "taylor"], "unknown metric 'taylor'"),
+        (["--aggregation", "median"], "unknown aggregation"),
+        (["--layers", "0:99"], "outside the model's 4 layers"),
+        (["--layers", "three"], "START:END"),
+        (["--num-samples", "5000"], "windows of 16 tokens"),
+        (["--calibration", "missing.txt"], "missing.txt"),
+        (["--calibration", "nosuchsource"], "unknown"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(tiny_model_dir, extra, message):
+    root = tiny_model_dir
+    result = run(*prune_args(root, "--output", root / "out"), *extra)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert not (root / "out").exists()
+    assert not [p for p in root.iterdir() if p.name.startswith(".out")]
+
+
+def test_existing_output_needs_overwrite(tiny_model_dir):
+    root = tiny_model_dir
+    (root / "out").mkdir()
+    (root / "out" / "other.txt").write_text("x")
+    result = run(*prune_args(root, "--output", root / "out"))
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert run(*prune_args(root, "--output", root / "out", "--overwrite")).exit_code == 0
+    assert not (root / "out" / "other.txt").exists()
+
+
+def test_unwritable_output(tiny_model_dir):
+    root = tiny_model_dir
+    result = run(*prune_args(root, "--output", root / "corpus.txt" / "out"))
+    assert result.exit_code == 2 and "not writable" in result.output
+
+
+def test_missing_model_path(tmp_path):
+    result = run("prune", tmp_path / "nope", "--ratio", "0.2", "--output", tmp_path / "out")
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_not_a_model_directory(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run("evaluate", tmp_path / "empty")
+    assert result.exit_code == 2 and "not a model directory" in result.output
+
+
+def test_unsupported_architecture_lists_families(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    result = run("prune", tmp_path / "gpt2", "--ratio", "0.2", "--output", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "unsupported model type 'gpt2'" in result.output and "llama" in result.output
+
+
+def test_hub_id_offline_is_explained(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run("prune", "some-org/some-model", "--ratio", "0.2", "--output", tmp_path / "out")
+    assert result.exit_code == 2 and "smollm2-135m" in result.output
+
+
+def test_info_on_non_adapruner_dir(tmp_path):
+    result = run("info", tmp_path)
+    assert result.exit_code == 2 and "adapruner.json" in result.output
