@@ -141,3 +141,64 @@ def test_hub_id_offline_is_explained(tmp_path, monkeypatch):
 def test_info_on_non_adapruner_dir(tmp_path):
     result = run("info", tmp_path)
     assert result.exit_code == 2 and "adapruner.json" in result.output
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--metric", "element2", "--aggregation", "max"],
+        ["--metric", "vector", "--aggregation", "last"],
+        ["--metric", "wanda_sp", "--global-ranking"],
+        ["--metric", "flap", "--head-mode", "kv-group"],
+        ["--metric", "second", "--aggregation", "prod"],
+        ["--metric", "mix", "--mix", "element1=0.5,wanda_sp=0.5", "--aggregation", "mean"],
+    ],
+)
+def test_every_metric_prunes_from_the_cli(tiny_model_dir, extra):
+    root = tiny_model_dir
+    result = run(*prune_args(root, "--output", root / "out", *extra))
+    assert result.exit_code == 0, result.output
+    record = json.loads((root / "out" / "adapruner.json").read_text())
+    assert record["config"]["metric"] == extra[1]
+
+
+def test_importance_command_writes_scores(tiny_model_dir):
+    root = tiny_model_dir
+    result = run(
+        "importance",
+        root / "tiny",
+        "--metric",
+        "element1",
+        "--calibration",
+        root / "corpus.txt",
+        "--seq-len",
+        "16",
+        "--layers",
+        "1:3",
+        "--output",
+        root / "scores.json",
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((root / "scores.json").read_text())
+    assert set(report["scores"]) == {"1.attention", "1.mlp", "2.attention", "2.mlp"}
+    assert len(report["scores"]["1.attention"]) == 6 and len(report["scores"]["1.mlp"]) == 40  # GQA -> query heads
+    assert len(report["plan"]["layers"]) == 4
+
+
+def test_calibration_from_two_sources(tiny_model_dir):
+    root = tiny_model_dir
+    from conftest import write_corpus
+
+    write_corpus(root / "other.txt", seed=5)
+    result = run(
+        *prune_args(root, "--output", root / "out", "--num-samples", "5"),
+        "--calibration",
+        f"{root / 'corpus.txt'},{root / 'other.txt'}",
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_mix_without_weights_is_refused(tiny_model_dir):
+    root = tiny_model_dir
+    result = run(*prune_args(root, "--output", root / "out", "--metric", "mix"))
+    assert result.exit_code == 2 and "positive weight" in result.output

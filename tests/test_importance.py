@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adapruner import AdaPrunerError
-from adapruner.importance import aggregate, collect_gradients, get_metric, score_group
+from adapruner.importance import aggregate, collect_statistics, get_metric, parse_mix, score_group, score_groups
 from adapruner.importance.base import Statistics
 from adapruner.models import attention_group, get_adapter, mlp_group
 from conftest import make_tiny
@@ -14,51 +14,87 @@ from conftest import make_tiny
 SAMPLES = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(3))
 
 
-def naive_gradients(model) -> dict[str, torch.Tensor]:
-    """Plain full backward of the mean loss over all samples at once."""
+def module_context(model, samples=SAMPLES) -> dict[str, dict[str, torch.Tensor]]:
+    """Per linear module, full-shape W, mean gradient G, Fisher F (per-sample loop), input norm/variance."""
+    per_sample = []
+    for i in range(samples.shape[0]):
+        model.zero_grad()
+        model(input_ids=samples[i : i + 1], labels=samples[i : i + 1]).loss.backward()
+        per_sample.append({n: p.grad.clone() for n, p in model.named_parameters() if n.endswith("proj.weight")})
     model.zero_grad()
-    model(input_ids=SAMPLES, labels=SAMPLES).loss.backward()
-    grads = {n.removesuffix(".weight"): p.grad.clone() for n, p in model.named_parameters() if n.endswith("weight")}
-    model.zero_grad()
-    return grads
+    inputs: dict[str, list[torch.Tensor]] = {}
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, n=n: inputs.setdefault(n, []).append(args[0].detach()))
+        for n, m in model.named_modules()
+        if n.endswith("proj")
+    ]
+    with torch.no_grad():
+        model(input_ids=samples)
+    for h in handles:
+        h.remove()
+    ctx = {}
+    for name, module in model.named_modules():
+        if not name.endswith("proj"):
+            continue
+        grads = torch.stack([g[name + ".weight"] for g in per_sample])
+        x = torch.cat(inputs[name]).reshape(-1, module.in_features)
+        shape = module.weight.shape
+        ctx[name] = {
+            "w": module.weight.detach(),
+            "g": grads.mean(0),
+            "f": grads.pow(2).mean(0),
+            "xn": x.pow(2).sum(0).sqrt().expand(shape),
+            "xv": x.var(0, unbiased=False).expand(shape),
+        }
+    return ctx
 
 
-def naive_head_scores(model, layer: int, grads, fn) -> torch.Tensor:
-    """Per KV group: fn over q rows of its query heads, k/v rows of the KV head, o columns of the queries."""
-    attn = model.model.layers[layer].self_attn
-    d, n_kv = 8, attn.k_proj.out_features // 8
-    g = attn.q_proj.out_features // d // n_kv
-    prefix = f"model.layers.{layer}.self_attn."
-    scores = []
-    for j in range(n_kv):
-        q = slice(j * g * d, (j + 1) * g * d)
-        kv = slice(j * d, (j + 1) * d)
-        total = fn(attn.q_proj.weight[q], grads[prefix + "q_proj"][q])
-        total += fn(attn.k_proj.weight[kv], grads[prefix + "k_proj"][kv])
-        total += fn(attn.v_proj.weight[kv], grads[prefix + "v_proj"][kv])
-        total += fn(attn.o_proj.weight[:, q], grads[prefix + "o_proj"][:, q])
-        scores.append(total)
-    return torch.stack(scores).detach()
+def _cut(t: torch.Tensor, dim: int, sl: slice) -> torch.Tensor:
+    return t[sl] if dim == 0 else t[:, sl]
 
 
-def naive_channel_scores(model, layer: int, grads, fn) -> torch.Tensor:
-    mlp = model.model.layers[layer].mlp
-    prefix = f"model.layers.{layer}.mlp."
+def naive_unit_scores(ctx, layer: int, kind: str, fn, n_kv: int, g: int, d: int = 8) -> torch.Tensor:
+    """Sum of fn over the member slices of each KV group (attention) or channel (MLP), by explicit slicing."""
+    if kind == "attention":
+        prefix = f"model.layers.{layer}.self_attn."
+        units = [
+            [
+                ("q_proj", 0, slice(j * g * d, (j + 1) * g * d)),
+                ("k_proj", 0, slice(j * d, (j + 1) * d)),
+                ("v_proj", 0, slice(j * d, (j + 1) * d)),
+                ("o_proj", 1, slice(j * g * d, (j + 1) * g * d)),
+            ]
+            for j in range(n_kv)
+        ]
+    else:
+        prefix = f"model.layers.{layer}.mlp."
+        units = [
+            [("gate_proj", 0, slice(c, c + 1)), ("up_proj", 0, slice(c, c + 1)), ("down_proj", 1, slice(c, c + 1))]
+            for c in range(40)
+        ]
     return torch.stack(
         [
-            fn(mlp.gate_proj.weight[c], grads[prefix + "gate_proj"][c])
-            + fn(mlp.up_proj.weight[c], grads[prefix + "up_proj"][c])
-            + fn(mlp.down_proj.weight[:, c], grads[prefix + "down_proj"][:, c])
-            for c in range(mlp.gate_proj.out_features)
+            sum(fn(**{k: _cut(v, dim, sl) for k, v in ctx[prefix + role].items()}) for role, dim, sl in unit)
+            for unit in units
         ]
-    ).detach()
+    )
 
 
 REFERENCES = {
-    "element1": lambda w, g: (w * g).abs().sum(),
-    "l1": lambda w, g: w.abs().sum(),
-    "l2": lambda w, g: w.pow(2).sum(),
+    "element1": lambda w, g, f, xn, xv: (w * g).abs().sum(),
+    "element2": lambda w, g, f, xn, xv: (w * g - 0.5 * w * f * w).abs().sum(),
+    "second": lambda w, g, f, xn, xv: (0.5 * w * f * w).sum(),
+    "vector": lambda w, g, f, xn, xv: (w * g).sum().abs(),
+    "l1": lambda w, g, f, xn, xv: w.abs().sum(),
+    "l2": lambda w, g, f, xn, xv: w.pow(2).sum(),
+    "wanda_sp": lambda w, g, f, xn, xv: (w.abs() * xn).sum(),
 }
+
+
+def _stats_for(model, metric, samples=SAMPLES, **kwargs):
+    adapter = get_adapter(model)
+    modules = [n for i in range(4) for n in adapter.prunable_module_names(i).values()]
+    return collect_statistics(model, samples, modules, get_metric(metric, mix={"l2": 1}).needs, **kwargs)
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2-gqa", "llama-mha"])
@@ -66,23 +102,84 @@ REFERENCES = {
 def test_metric_matches_naive_reference(name, metric):
     model = make_tiny(name)
     adapter = get_adapter(model)
-    grads = naive_gradients(model)
-    modules = [n for i in range(4) for n in adapter.prunable_module_names(i).values()]
-    stats = collect_gradients(model, SAMPLES, modules, batch_size=3)  # batches of 3+1 must add up exactly
+    ctx = module_context(model)
+    stats = _stats_for(model, metric, batch_size=3)  # batches of 3 + 1 must add up exactly
+    shape = adapter.layer_shape(1)
     for layer in (1, 2):
         attn = score_group(model, attention_group(adapter, layer, "kv-group"), get_metric(metric), stats)
         mlp = score_group(model, mlp_group(adapter, layer), get_metric(metric), stats)
-        torch.testing.assert_close(
-            attn, naive_head_scores(model, layer, grads, REFERENCES[metric]), rtol=1e-4, atol=1e-7
-        )
-        torch.testing.assert_close(
-            mlp, naive_channel_scores(model, layer, grads, REFERENCES[metric]), rtol=1e-4, atol=1e-7
-        )
+        ref = {
+            kind: naive_unit_scores(
+                ctx, layer, kind, REFERENCES[metric], shape.num_key_value_heads, shape.queries_per_kv
+            )
+            for kind in ("attention", "mlp")
+        }
+        torch.testing.assert_close(attn, ref["attention"].float(), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(mlp, ref["mlp"].float(), rtol=1e-4, atol=1e-7)
+
+
+def test_flap_matches_naive_reference():
+    """Var(X_j) * ||W[:, j]||^2 on o_proj/down_proj columns, standardised per kind across layers."""
+    model = make_tiny("llama-gqa")
+    adapter = get_adapter(model)
+    ctx = module_context(model)
+    groups = [g for i in (1, 2) for g in (attention_group(adapter, i, "kv-group"), mlp_group(adapter, i))]
+    scores = score_groups(model, groups, get_metric("flap"), _stats_for(model, "flap"))
+    raw = {}
+    for layer in (1, 2):
+        o = ctx[f"model.layers.{layer}.self_attn.o_proj"]
+        down = ctx[f"model.layers.{layer}.mlp.down_proj"]
+        per_col_o = (o["xv"][0] * o["w"].pow(2).sum(0)).view(2, 24).sum(1)  # 2 KV groups x (3 heads x 8)
+        raw[(layer, "attention")] = per_col_o
+        raw[(layer, "mlp")] = down["xv"][0] * down["w"].pow(2).sum(0)
+    for kind in ("attention", "mlp"):
+        allv = torch.cat([raw[(i, kind)] for i in (1, 2)])
+        for layer in (1, 2):
+            expected = (raw[(layer, kind)] - allv.mean()) / allv.std()
+            torch.testing.assert_close(scores[(layer, kind)], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mix_is_weighted_sum_of_mean_normalised_scores():
+    model = make_tiny("qwen2-gqa")
+    adapter = get_adapter(model)
+    groups = [mlp_group(adapter, i) for i in (1, 2)]
+    stats = _stats_for(model, "element1")
+    l1 = score_groups(model, groups, get_metric("l1"), stats)
+    e1 = score_groups(model, groups, get_metric("element1"), stats)
+    mixed = score_groups(model, groups, get_metric("mix", mix={"l1": 0.25, "element1": 0.75}), stats)
+    l1_mean = torch.cat(list(l1.values())).mean()
+    e1_mean = torch.cat(list(e1.values())).mean()
+    for key in mixed:
+        torch.testing.assert_close(mixed[key], 0.25 * l1[key] / l1_mean + 0.75 * e1[key] / e1_mean)
+
+
+@pytest.mark.parametrize("metric", ["vector", "second", "wanda_sp", "flap"])
+def test_cached_subset_scores_equal_scores_from_scratch(metric):
+    """Per-sample statistics gathered once give any subset's scores without touching the model again."""
+    model = make_tiny("llama-gqa")
+    adapter = get_adapter(model)
+    groups = [g for i in (1, 2) for g in (attention_group(adapter, i, "query"), mlp_group(adapter, i))]
+    modules = [n for i in range(4) for n in adapter.prunable_module_names(i).values()]
+    pool = collect_statistics(model, SAMPLES, modules, {"unit_sums", "activations"})
+    subset = [0, 2, 3]
+    cached = score_groups(model, groups, get_metric(metric), pool.select(subset))
+    fresh_stats = collect_statistics(model, SAMPLES[subset], modules, get_metric(metric).needs)
+    fresh = score_groups(model, groups, get_metric(metric), fresh_stats)
+    for key in fresh:
+        torch.testing.assert_close(cached[key], fresh[key], rtol=1e-4, atol=1e-6)
+
+
+def test_mix_needs_a_positive_weight():
+    with pytest.raises(AdaPrunerError, match="positive weight"):
+        get_metric("mix", mix={"l1": 0.0})
+    with pytest.raises(AdaPrunerError, match="unknown component"):
+        get_metric("mix", mix={"taylor": 1.0})
+    assert parse_mix("element1=0.7, wanda_sp=0.3") == {"element1": 0.7, "wanda_sp": 0.3}
 
 
 def test_gradient_collection_restores_requires_grad():
     model = make_tiny("llama-gqa")
-    collect_gradients(model, SAMPLES, ["model.layers.0.mlp.up_proj"])
+    collect_statistics(model, SAMPLES, ["model.layers.0.mlp.up_proj"], {"grad", "fisher", "activations"})
     assert all(p.requires_grad for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())
 

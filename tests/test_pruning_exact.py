@@ -97,3 +97,34 @@ def test_round_to_multiple():
     adapter = get_adapter(model)
     keep = solve_keep_counts(adapter, Budget(0.2, (0, 4), round_to=8), count_params(model))
     assert all(c[1] % 8 == 0 for c in keep.counts)
+
+
+@pytest.mark.parametrize("head_mode", ["kv-group", "query"])
+def test_global_ranking_moves_cuts_to_low_scoring_layers(head_mode):
+    from conftest import make_tiny
+
+    model = make_tiny("mistral-gqa", layers=6)  # 8 query heads, 2 KV heads, 40 channels
+    adapter = get_adapter(model)
+    keep = solve_keep_counts(adapter, Budget(0.25, (1, 5), head_mode=head_mode), count_params(model))
+    scores = {}
+    for layer in range(1, 5):  # layer 2 is unimportant everywhere, layer 4 is precious
+        scale = {2: 0.01, 4: 100.0}.get(layer, 1.0)
+        scores[(layer, "attention")] = torch.rand(attention_group(adapter, layer, head_mode).num_units) * scale
+        scores[(layer, "mlp")] = torch.rand(40) * scale
+    local = plan_from_scores(adapter, scores, keep, head_mode)
+    ranked = plan_from_scores(adapter, scores, keep, head_mode, global_ranking=True)
+    removed = [
+        sum(d - k for d, k in zip(full, kept, strict=True))
+        for full, kept in (
+            (adapter.layer_shape(i).to_dict().values(), p.shape.to_dict().values()) for i, p in enumerate(ranked.layers)
+        )
+    ]
+    assert removed[2] == max(removed) > removed[1] and removed[4] == min(removed[1:5]) < removed[1]
+    # same totals per kind as per-layer ranking, so the same parameter count
+    dense = count_params(model)
+    assert planned_param_count(adapter, ranked, dense) == planned_param_count(adapter, local, dense)
+    pruned = copy.deepcopy(model)
+    prune_physically(get_adapter(pruned), ranked)
+    tokens = torch.randint(0, 97, (2, 12))
+    with masked(adapter, ranked):
+        torch.testing.assert_close(pruned(tokens).logits, model(tokens).logits, atol=1e-5, rtol=1e-5)

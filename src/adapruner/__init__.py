@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import PruneConfig, PruneResult, evaluate, info, load_pruned, prune
+from .api import PruneConfig, PruneResult, evaluate, info, load_pruned, prune, score_importance
 from .errors import AdaPrunerError, OfflineError
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "info",
     "load_pruned",
     "prune",
+    "score_importance",
 ]

@@ -15,8 +15,7 @@ import torch
 
 from . import __version__
 from .errors import AdaPrunerError
-from .importance import collect_gradients, get_metric, score_group
-from .importance.base import AGGREGATIONS, Statistics
+from .importance import AGGREGATIONS, Importance, Statistics, collect_statistics, get_metric, score_groups
 from .models.base import ModelAdapter, get_adapter
 from .models.groups import HEAD_MODES, layer_groups
 from .models.loading import load_causal_lm, load_model
@@ -25,6 +24,7 @@ from .pruning.io import check_output_dir, read_record, save_pruned, write_json_a
 from .pruning.plan import (
     Budget,
     PrunePlan,
+    Scores,
     count_params,
     parse_layer_range,
     plan_from_scores,
@@ -51,10 +51,16 @@ class PruneConfig:
     round_to: int = 1
     seed: int = 0
     dtype: str = "float32"
+    mix: dict[str, float] | None = None
+    global_ranking: bool = False
+    offload: bool = False
+
+    def build_metric(self) -> Importance:
+        return get_metric(self.metric, seed=self.seed, mix=self.mix)
 
     def validate(self) -> None:
         Budget(self.ratio, attention_scale=self.attention_scale, round_to=self.round_to)
-        get_metric(self.metric)
+        self.build_metric()
         if self.aggregation not in AGGREGATIONS:
             raise AdaPrunerError(f"unknown aggregation '{self.aggregation}': choose one of {', '.join(AGGREGATIONS)}")
         if self.head_mode not in HEAD_MODES:
@@ -82,31 +88,40 @@ def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
 
 
 def _statistics(model, tokenizer, adapter: ModelAdapter, layers: list[int], cfg: PruneConfig) -> Statistics:
-    if not get_metric(cfg.metric).needs_gradients:
+    needs = cfg.build_metric().needs
+    if not needs:
         return Statistics()
-    from .data import sample_calibration
+    from .data import sample_mixture
 
-    samples = sample_calibration(tokenizer, cfg.calibration, cfg.num_samples, cfg.seq_len, seed=cfg.seed)
+    samples = sample_mixture(tokenizer, cfg.calibration, cfg.num_samples, cfg.seq_len, seed=cfg.seed)
     names = [n for i in layers for n in adapter.prunable_module_names(i).values()]
-    return collect_gradients(model, samples, names)
+    return collect_statistics(model, samples, names, needs, offload=cfg.offload)
+
+
+def compute_scores(model: torch.nn.Module, tokenizer: Any, cfg: PruneConfig) -> tuple[Scores, Budget]:
+    """Importance of every group in the pruned layer range, and the budget they will be cut under."""
+    adapter = get_adapter(model)
+    layer_range = parse_layer_range(cfg.layers, adapter.num_layers)
+    budget = Budget(cfg.ratio, layer_range, cfg.attention_scale, cfg.round_to, cfg.head_mode)
+    layers = list(range(*layer_range))
+    stats = _statistics(model, tokenizer, adapter, layers, cfg)
+    groups = layer_groups(adapter, layers, cfg.head_mode)
+    return score_groups(model, groups, cfg.build_metric(), stats, cfg.aggregation), budget
 
 
 def compute_plan(model: torch.nn.Module, tokenizer: Any, cfg: PruneConfig) -> tuple[PrunePlan, dict]:
     """Score the groups of the pruned layers and keep the best units under the budget."""
+    scores, budget = compute_scores(model, tokenizer, cfg)
+    plan, info = plan_for_scores(model, scores, budget, cfg)
+    return plan, info
+
+
+def plan_for_scores(model: torch.nn.Module, scores: Scores, budget: Budget, cfg: PruneConfig) -> tuple[PrunePlan, dict]:
     adapter = get_adapter(model)
-    start, end = parse_layer_range(cfg.layers, adapter.num_layers)
-    budget = Budget(cfg.ratio, (start, end), cfg.attention_scale, cfg.round_to, cfg.head_mode)
     dense_params = count_params(model)
     keep = solve_keep_counts(adapter, budget, dense_params)
-    layers = list(range(start, end))
-    stats = _statistics(model, tokenizer, adapter, layers, cfg)
-    metric = get_metric(cfg.metric, seed=cfg.seed)
-    scores = {}
-    for group in layer_groups(adapter, layers, cfg.head_mode):
-        scores[(group.layer, group.kind)] = score_group(model, group, metric, stats, cfg.aggregation)
-    plan = plan_from_scores(adapter, scores, keep, cfg.head_mode)
-    info = {"layers": [start, end], "dense_params": dense_params, "rate": keep.rate}
-    return plan, info
+    plan = plan_from_scores(adapter, scores, keep, cfg.head_mode, cfg.global_ranking, cfg.round_to)
+    return plan, {"layers": list(budget.layers), "dense_params": dense_params, "rate": keep.rate}
 
 
 def _versions() -> dict[str, str]:
@@ -167,6 +182,37 @@ def prune(
         with _timed(timings, "save"):
             result.output = save_pruned(hf_model, tokenizer, record, Path(output), overwrite)
     return result
+
+
+def score_importance(
+    model: str,
+    ratio: float = 0.2,
+    *,
+    output: str | Path | None = None,
+    device_map: str | None = None,
+    **options: Any,
+) -> dict:
+    """Per-group importance scores (and the plan ``ratio`` would give), without pruning.
+
+    The result is JSON-ready: ``scores["<layer>.<kind>"]`` lists one score per unit (query head, KV group
+    or MLP channel, in the model's own order).
+    """
+    cfg = PruneConfig(model=model, ratio=ratio, **options)
+    cfg.validate()
+    hf_model, tokenizer = load_model(model, cfg.dtype, device_map)
+    scores, budget = compute_scores(hf_model, tokenizer, cfg)
+    plan, _ = plan_for_scores(hf_model, scores, budget, cfg)
+    report = {
+        "model": model,
+        "config": asdict(cfg),
+        "units": {"attention": "query head" if cfg.head_mode == "query" else cfg.head_mode, "mlp": "channel"},
+        "scores": {f"{layer}.{kind}": v.tolist() for (layer, kind), v in scores.items()},
+        "plan": plan.to_dict(),
+        "versions": _versions(),
+    }
+    if output is not None:
+        write_json_atomic(Path(output), report)
+    return report
 
 
 def load_pruned(directory: str | Path, dtype: str = "float32", device_map: str | None = None) -> torch.nn.Module:

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import AdaPrunerError
+from .importance.metrics import parse_mix
 
 app = typer.Typer(
     help="Structured pruning of LLMs with searched calibration data and importance metrics.",
@@ -56,38 +57,60 @@ def assets_fetch(
         out.print(str(path))
 
 
+# Options shared by `prune` and `importance` (one definition each).
+ModelArg = Annotated[str, typer.Argument(help="Asset name (smollm2-135m), local directory or hub id.")]
+Ratio = Annotated[float, typer.Option(help="Fraction of the whole model's parameters to remove.")]
+Metric = Annotated[str, typer.Option(help="random, l1, l2, element1, element2, second, vector, wanda_sp, flap or mix.")]
+Mix = Annotated[str | None, typer.Option(help="Weights for --metric mix, e.g. element1=0.7,wanda_sp=0.3.")]
+Aggregation = Annotated[str, typer.Option(help="sum, mean, max, prod or last over coupled layers.")]
+Calibration = Annotated[str, typer.Option(help="Calibration source(s): books, wiki, news, squad, a path; a,b mixes.")]
+NumSamples = Annotated[int, typer.Option(help="Calibration samples (spread evenly over the sources).")]
+SeqLen = Annotated[int, typer.Option(help="Tokens per calibration sample.")]
+Layers = Annotated[str | None, typer.Option(help="Layer range START:END to prune (default: LLM-Pruner's).")]
+HeadMode = Annotated[str, typer.Option(help="auto, kv-group or query.")]
+AttentionScale = Annotated[float, typer.Option(help="Attention rate / MLP rate (0: attention whole).")]
+RoundTo = Annotated[int, typer.Option(help="Round kept MLP channels to this multiple.")]
+GlobalRanking = Annotated[bool, typer.Option(help="Rank units of a kind across layers instead of per layer.")]
+Seed = Annotated[int, typer.Option(help="Seed for calibration sampling and the random metric.")]
+Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+DeviceMap = Annotated[str | None, typer.Option(help="Passed to from_pretrained, e.g. auto.")]
+Offload = Annotated[bool, typer.Option(help="Keep gradient statistics on the CPU (large models).")]
+
+
+def _prune_options(**kwargs: Any) -> dict[str, Any]:
+    kwargs["mix"] = parse_mix(kwargs.get("mix")) or None
+    return kwargs
+
+
 @app.command()
 @user_errors
 def prune(
-    model: Annotated[str, typer.Argument(help="Asset name (smollm2-135m), local directory or hub id.")],
-    ratio: Annotated[float, typer.Option(help="Fraction of the whole model's parameters to remove.")],
+    model: ModelArg,
+    ratio: Ratio,
     output: Annotated[Path, typer.Option(help="Directory for the pruned model.")],
-    metric: Annotated[str, typer.Option(help="Importance metric: element1, l2, l1, random.")] = "element1",
-    aggregation: Annotated[str, typer.Option(help="sum, mean, max, prod or last over coupled layers.")] = "sum",
-    calibration: Annotated[
-        str, typer.Option(help="Calibration text source (books, wiki, news, squad, path).")
-    ] = "books",
-    num_samples: Annotated[int, typer.Option(help="Calibration samples.")] = 10,
-    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sample.")] = 64,
-    layers: Annotated[str | None, typer.Option(help="Layer range START:END to prune (default: LLM-Pruner's).")] = None,
-    head_mode: Annotated[str, typer.Option(help="auto, kv-group or query.")] = "auto",
-    attention_scale: Annotated[float, typer.Option(help="Attention rate / MLP rate (0: attention whole).")] = 1.0,
-    round_to: Annotated[int, typer.Option(help="Round kept MLP channels to this multiple.")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed for calibration sampling.")] = 0,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-    device_map: Annotated[str | None, typer.Option(help="Passed to from_pretrained, e.g. auto.")] = None,
+    metric: Metric = "element1",
+    mix: Mix = None,
+    aggregation: Aggregation = "sum",
+    calibration: Calibration = "books",
+    num_samples: NumSamples = 10,
+    seq_len: SeqLen = 64,
+    layers: Layers = None,
+    head_mode: HeadMode = "auto",
+    attention_scale: AttentionScale = 1.0,
+    round_to: RoundTo = 1,
+    global_ranking: GlobalRanking = False,
+    seed: Seed = 0,
+    dtype: Dtype = "float32",
+    device_map: DeviceMap = None,
+    offload: Offload = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
     """Prune MODEL by RATIO of its parameters and save a loadable HF directory."""
     from . import api
 
-    result = api.prune(
-        model,
-        ratio,
-        output=output,
-        overwrite=overwrite,
-        device_map=device_map,
+    options = _prune_options(
         metric=metric,
+        mix=mix,
         aggregation=aggregation,
         calibration=calibration,
         num_samples=num_samples,
@@ -96,9 +119,12 @@ def prune(
         head_mode=head_mode,
         attention_scale=attention_scale,
         round_to=round_to,
+        global_ranking=global_ranking,
         seed=seed,
         dtype=dtype,
+        offload=offload,
     )
+    result = api.prune(model, ratio, output=output, overwrite=overwrite, device_map=device_map, **options)
     rec = result.record
     table = Table(title=f"pruned {model} -> {output}")
     for col in ("dense params", "pruned params", "target ratio", "achieved ratio", "time (s)"):
@@ -111,6 +137,51 @@ def prune(
         f"{sum(result.timings.values()):.1f}",
     )
     out.print(table)
+
+
+@app.command()
+@user_errors
+def importance(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option(help="JSON file for the per-group scores and the resulting plan.")],
+    ratio: Ratio = 0.2,
+    metric: Metric = "element1",
+    mix: Mix = None,
+    aggregation: Aggregation = "sum",
+    calibration: Calibration = "books",
+    num_samples: NumSamples = 10,
+    seq_len: SeqLen = 64,
+    layers: Layers = None,
+    head_mode: HeadMode = "auto",
+    attention_scale: AttentionScale = 1.0,
+    round_to: RoundTo = 1,
+    global_ranking: GlobalRanking = False,
+    seed: Seed = 0,
+    dtype: Dtype = "float32",
+    device_map: DeviceMap = None,
+    offload: Offload = False,
+) -> None:
+    """Score every prunable group of MODEL and save the scores (and the plan RATIO would give) as JSON."""
+    from . import api
+
+    options = _prune_options(
+        metric=metric,
+        mix=mix,
+        aggregation=aggregation,
+        calibration=calibration,
+        num_samples=num_samples,
+        seq_len=seq_len,
+        layers=layers,
+        head_mode=head_mode,
+        attention_scale=attention_scale,
+        round_to=round_to,
+        global_ranking=global_ranking,
+        seed=seed,
+        dtype=dtype,
+        offload=offload,
+    )
+    report = api.score_importance(model, ratio, output=output, device_map=device_map, **options)
+    out.print(f"scores of {len(report['scores'])} groups written to {output}")
 
 
 @app.command()

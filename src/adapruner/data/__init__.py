@@ -1,6 +1,6 @@
 """Text sources (offline, hub, local files) and the token tensors built from them."""
 
-from adapruner.data.calibration import sample_calibration, token_stream
+from adapruner.data.calibration import sample_calibration, sample_mixture, split_sources, token_stream
 from adapruner.data.sources import (
     HUB_SOURCES,
     OFFLINE_SOURCES,
@@ -19,6 +19,8 @@ __all__ = [
     "available_sources",
     "load_documents",
     "sample_calibration",
+    "sample_mixture",
     "split_documents",
+    "split_sources",
     "token_stream",
 ]

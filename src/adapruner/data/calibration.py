@@ -36,6 +36,27 @@ def sample_calibration(
     return torch.tensor([documents[doc][start : start + seq_len] for doc, start in chosen], dtype=torch.long)
 
 
+def split_sources(spec: str | list[str]) -> list[str]:
+    """``"books,wiki"`` -> ["books", "wiki"]; an empty spec is an error."""
+    sources = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    sources = [s for s in sources if s]
+    if not sources:
+        raise AdaPrunerError("no calibration source given: use e.g. --calibration books or books,wiki")
+    return sources
+
+
+def sample_mixture(
+    tokenizer: PreTrainedTokenizerBase, sources: str | list[str], num_samples: int, seq_len: int, seed: int = 0
+) -> torch.LongTensor:
+    """``num_samples`` windows spread evenly over several sources (the first ones take the remainder)."""
+    names = split_sources(sources)
+    if num_samples < len(names):
+        raise AdaPrunerError(f"{num_samples} samples cannot cover {len(names)} sources: ask for more samples")
+    share, extra = divmod(num_samples, len(names))
+    parts = [sample_calibration(tokenizer, name, share + (i < extra), seq_len, seed) for i, name in enumerate(names)]
+    return torch.cat(parts)
+
+
 def token_stream(
     tokenizer: PreTrainedTokenizerBase, source: str, split: str, max_tokens: int | None = None
 ) -> torch.LongTensor:

@@ -21,18 +21,58 @@ from ..models.groups import GroupSet, Member
 
 @dataclass
 class Statistics:
-    """What a metric may read besides the weights, keyed by full module name."""
+    """What a metric may read besides the weights, keyed by full module name (see ``collector``).
 
-    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # d(mean calibration loss)/dW, fp32
+    Per-element tables (``grads``, ``fisher``) hold means over the samples. Step tables hold one row per
+    forward pass (one per sample when ``per_sample``), so a subset of samples is a row selection.
+    """
+
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
+    act_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # [steps, in_features]
+    act_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # [steps, in_features]
+    tokens: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [steps]
+    unit_wg: dict[str, torch.Tensor] = field(default_factory=dict)  # [samples, rows or cols]
+    unit_wwgg: dict[str, torch.Tensor] = field(default_factory=dict)  # [samples, rows or cols]
     num_samples: int = 0
+    per_sample: bool = False
+
+    def _table(self, table: dict[str, torch.Tensor], module: str, what: str) -> torch.Tensor:
+        try:
+            return table[module]
+        except KeyError:
+            raise AdaPrunerError(f"no {what} was collected for {module}: this metric needs calibration data") from None
 
     def grad(self, module: str) -> torch.Tensor:
-        try:
-            return self.grads[module]
-        except KeyError:
-            raise AdaPrunerError(
-                f"no gradient was collected for {module}: this metric needs calibration data"
-            ) from None
+        return self._table(self.grads, module, "gradient")
+
+    def fisher_diag(self, module: str) -> torch.Tensor:
+        return self._table(self.fisher, module, "Fisher term")
+
+    def input_norm(self, module: str) -> torch.Tensor:
+        """L2 norm of each input feature over all calibration tokens (Wanda-sp's ||X||)."""
+        return self._table(self.act_sq, module, "activation statistic").sum(0).sqrt()
+
+    def input_variance(self, module: str) -> torch.Tensor:
+        """Per-feature variance of the input over all calibration tokens (FLAP's fluctuation)."""
+        n = self.tokens.sum()
+        mean = self._table(self.act_sum, module, "activation statistic").sum(0) / n
+        return (self.act_sq[module].sum(0) / n - mean.pow(2)).clamp_min(0)
+
+    def mean_unit_sums(self, table: str, module: str) -> torch.Tensor:
+        """Mean over samples of the cached per-row/column sums (``unit_wg`` or ``unit_wwgg``)."""
+        return self._table(getattr(self, table), module, "per-sample sum").mean(0)
+
+    def select(self, indices: list[int] | torch.Tensor) -> Statistics:
+        """Statistics of a subset of the samples, from per-sample rows alone (no model pass)."""
+        if not self.per_sample:
+            raise AdaPrunerError("these statistics were not gathered per sample; subsets need a per-sample pass")
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        pick = {
+            name: {k: v[idx.to(v.device)] for k, v in getattr(self, name).items()}
+            for name in ("act_sum", "act_sq", "unit_wg", "unit_wwgg")
+        }
+        return Statistics(tokens=self.tokens[idx], num_samples=len(idx), per_sample=True, **pick)
 
 
 def gather_units(tensor: torch.Tensor, member: Member) -> torch.Tensor:
@@ -47,7 +87,7 @@ class Importance(ABC):
     """Scores one member slice per unit. Subclasses define ``element_scores`` or override ``member_scores``."""
 
     name: ClassVar[str]
-    needs_gradients: ClassVar[bool] = False
+    requires: ClassVar[frozenset[str]] = frozenset()  # statistics it reads (see ``collector.NEEDS``)
 
     def element_scores(self, weight: torch.Tensor, module: str, stats: Statistics) -> torch.Tensor:
         raise NotImplementedError
@@ -56,6 +96,23 @@ class Importance(ABC):
         """Default: the sum of the per-element scores inside each unit's slice."""
         elements = self.element_scores(weight.float(), member.module, stats)
         return gather_units(elements, member).flatten(1).sum(1)
+
+    def group_scores(
+        self, model: torch.nn.Module, group: GroupSet, stats: Statistics, aggregation: str
+    ) -> torch.Tensor:
+        """Aggregate the member scores of the coupled layers."""
+        weights = {m.module: model.get_submodule(m.module).weight.detach() for m in group.members}
+        return aggregate([self.member_scores(weights[m.module], m, stats) for m in group.members], aggregation)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return self.requires
+
+    def score_all(
+        self, model: torch.nn.Module, groups: list[GroupSet], stats: Statistics, aggregation: str
+    ) -> dict[tuple[int, str], torch.Tensor]:
+        """Scores of many groups; metrics that compare across layers (FLAP, mix) override this."""
+        return {(g.layer, g.kind): score_group(model, g, self, stats, aggregation) for g in groups}
 
 
 AGGREGATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -77,8 +134,8 @@ def aggregate(member_scores: list[torch.Tensor], how: str) -> torch.Tensor:
 def score_group(
     model: torch.nn.Module, group: GroupSet, metric: Importance, stats: Statistics, aggregation: str = "sum"
 ) -> torch.Tensor:
-    per_member = [metric.member_scores(model.get_submodule(m.module).weight.detach(), m, stats) for m in group.members]
-    scores = aggregate(per_member, aggregation)
+    """One score per unit of ``group``; NaN/inf (fp16 overflow) is an error, not a silent ranking."""
+    scores = metric.group_scores(model, group, stats, aggregation)
     if not torch.isfinite(scores).all():
         raise AdaPrunerError(
             f"{metric.name} gave NaN/inf scores in layer {group.layer} ({group.kind}): "

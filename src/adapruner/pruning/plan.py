@@ -228,8 +228,21 @@ def layer_plan(shape: LayerShape, attn: GroupSet, attn_units: list[int], channel
 Scores = dict[tuple[int, str], torch.Tensor]
 
 
-def plan_from_scores(adapter: ModelAdapter, scores: Scores, keep: KeepCounts, head_mode: HeadMode) -> PrunePlan:
-    """Keep the top-scoring units of each pruned layer; layers outside the range stay whole."""
+def plan_from_scores(
+    adapter: ModelAdapter,
+    scores: Scores,
+    keep: KeepCounts,
+    head_mode: HeadMode,
+    global_ranking: bool = False,
+    round_to: int = 1,
+) -> PrunePlan:
+    """Keep the top-scoring units of each pruned layer; layers outside the range stay whole.
+
+    With ``global_ranking`` the per-kind totals of ``keep`` are kept but redistributed across layers:
+    units of one kind compete across all pruned layers on their scores.
+    """
+    if global_ranking:
+        keep = _global_keep_counts(adapter, scores, keep, head_mode, round_to)
     plan = PrunePlan.keep_all(adapter)
     for layer, counts in enumerate(keep.counts):
         if counts is None:
@@ -240,6 +253,47 @@ def plan_from_scores(adapter: ModelAdapter, scores: Scores, keep: KeepCounts, he
         plan.layers[layer] = layer_plan(adapter.layer_shape(layer), attn, units, channels)
     plan.validate(adapter)
     return plan
+
+
+def _removal_steps(scores: torch.Tensor, blocks: int, step: int) -> list[float]:
+    """Cost of each successive removal step in one layer: the next-lowest unit of every block (summed).
+
+    Steps are non-decreasing, so taking the cheapest steps globally always takes a prefix per layer.
+    At least one unit per block (``step`` channels for MLP) always stays.
+    """
+    block_len = scores.numel() // blocks
+    ordered = scores.double().view(blocks, block_len).sort(dim=1).values.sum(0)  # k-th lowest, summed
+    if step > 1:
+        usable = (block_len - 1) // step * step
+        return ordered[:usable].view(-1, step).sum(1).tolist()
+    return ordered[: block_len - 1].tolist()
+
+
+def _global_keep_counts(
+    adapter: ModelAdapter, scores: Scores, keep: KeepCounts, head_mode: HeadMode, round_to: int
+) -> KeepCounts:
+    layers = [i for i, c in enumerate(keep.counts) if c is not None]
+    counts = {i: list(keep.counts[i]) for i in layers}
+    for slot, kind in enumerate(("attention", "mlp")):
+        steps: list[tuple[float, int, int]] = []
+        removed_units = 0
+        for layer in layers:
+            group = attention_group(adapter, layer, head_mode) if kind == "attention" else mlp_group(adapter, layer)
+            size = group.blocks if kind == "attention" else round_to
+            blocks = group.blocks if kind == "attention" else 1
+            steps += [
+                (cost, layer, k)
+                for k, cost in enumerate(
+                    _removal_steps(scores[(layer, kind)], blocks, 1 if kind == "attention" else size)
+                )
+            ]
+            removed_units += group.num_units - keep.counts[layer][slot]
+            counts[layer][slot] = group.num_units
+        budget = round(removed_units / size)
+        for _, layer, _ in sorted(steps)[:budget]:
+            counts[layer][slot] -= size
+    per_layer = [tuple(counts[i]) if i in counts else None for i in range(len(keep.counts))]
+    return KeepCounts(per_layer, keep.rate, keep.removed_params, keep.total_params)
 
 
 def planned_param_count(adapter: ModelAdapter, plan: PrunePlan, dense_params: int) -> int:

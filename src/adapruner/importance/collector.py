@@ -1,0 +1,149 @@
+"""One pass over calibration samples that gathers every statistic a metric may read.
+
+Memory: only the prunable projections of the pruned layers take gradients, and each gradient is folded
+into fp32 accumulators by a post-accumulate hook the moment it arrives, then freed. So the model never
+holds a full set of ``.grad`` tensors, and bf16/fp16 weights get fp32 statistics. Accumulators can live
+on the CPU (``offload=True``) for large models.
+
+What is gathered, per module (``needs``):
+
+* ``grad``: mean over samples of dL_i/dW (the gradient of the mean loss), per element;
+* ``fisher``: mean over samples of (dL_i/dW)^2, per element (needs one backward per sample);
+* ``activations``: per input feature, the sum and the sum of squares of the module's input over all
+  tokens, and the token count (Wanda-sp, FLAP);
+* ``unit_sums`` (per sample, for the statistics cache): row sums (q/k/v/gate/up) or column sums (o/down)
+  of W*g_i and of W^2*g_i^2, so vector-wise and second-order scores of any subset are sums of cached
+  numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from tqdm.auto import tqdm
+
+from .base import Statistics
+
+NEEDS = frozenset({"grad", "fisher", "activations", "unit_sums"})
+
+
+def _reduce_dim(module_name: str) -> int:
+    """Which axis a unit owns: columns for the output projections, rows for the others."""
+    return 0 if module_name.endswith(("o_proj", "down_proj")) else 1
+
+
+class _Collector:
+    """Hooks that fold gradients and inputs into statistics as they arrive."""
+
+    def __init__(self, model: torch.nn.Module, modules: list[str], needs: frozenset[str], offload: bool) -> None:
+        self.model, self.modules, self.needs = model, modules, needs
+        self.store = torch.device("cpu") if offload else None
+        self.grads: dict[str, torch.Tensor] = {}
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.sample_weight = 1.0
+        self.step: dict[str, dict[str, torch.Tensor]] = {}  # statistic -> module -> value of this step
+        self.steps: dict[str, dict[str, list[torch.Tensor]]] = {}
+
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.store) if self.store is not None else t
+
+    def _accumulate(self, table: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+        value = self._place(value)
+        if name in table:
+            table[name].add_(value)
+        else:
+            table[name] = value.clone()
+
+    def on_grad(self, name: str, param: torch.Tensor) -> None:
+        g = param.grad.detach().float()
+        param.grad = None
+        if "grad" in self.needs:
+            self._accumulate(self.grads, name, g * self.sample_weight)
+        if "fisher" in self.needs:
+            self._accumulate(self.fisher, name, g.pow(2) * self.sample_weight)
+        if "unit_sums" in self.needs:
+            w = param.detach().float()
+            dim = _reduce_dim(name)
+            self.step.setdefault("unit_wg", {})[name] = self._place((w * g).sum(dim))
+            self.step.setdefault("unit_wwgg", {})[name] = self._place((w.pow(2) * g.pow(2)).sum(dim))
+
+    def on_input(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1, x.shape[-1])
+        self.step.setdefault("act_sum", {})[name] = self._place(x.sum(0))
+        self.step.setdefault("act_sq", {})[name] = self._place(x.pow(2).sum(0))
+
+    def end_step(self, tokens: int) -> None:
+        for stat, values in self.step.items():
+            for name, value in values.items():
+                self.steps.setdefault(stat, {}).setdefault(name, []).append(value)
+        self.steps.setdefault("tokens", {}).setdefault("", []).append(torch.tensor(float(tokens)))
+        self.step = {}
+
+    def statistics(self, num_samples: int, per_sample: bool) -> Statistics:
+        stacked = {stat: {n: torch.stack(v) for n, v in table.items()} for stat, table in self.steps.items()}
+        return Statistics(
+            grads=self.grads,
+            fisher=self.fisher,
+            act_sum=stacked.get("act_sum", {}),
+            act_sq=stacked.get("act_sq", {}),
+            tokens=stacked["tokens"][""],
+            unit_wg=stacked.get("unit_wg", {}),
+            unit_wwgg=stacked.get("unit_wwgg", {}),
+            num_samples=num_samples,
+            per_sample=per_sample,
+        )
+
+    @contextmanager
+    def hooks(self) -> Iterator[bool]:
+        handles, previous = [], {p: p.requires_grad for p in self.model.parameters()}
+        backward = bool(self.needs & {"grad", "fisher", "unit_sums"})
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for name in self.modules:
+            module = self.model.get_submodule(name)
+            if backward:
+                module.weight.requires_grad_(True)
+                handles.append(module.weight.register_post_accumulate_grad_hook(lambda p, n=name: self.on_grad(n, p)))
+            if "activations" in self.needs:
+                handles.append(module.register_forward_pre_hook(lambda _m, args, n=name: self.on_input(n, args[0])))
+        try:
+            yield backward
+        finally:
+            for h in handles:
+                h.remove()
+            for p, flag in previous.items():
+                p.requires_grad_(flag)
+                p.grad = None
+
+
+def collect_statistics(
+    model: torch.nn.Module,
+    samples: torch.Tensor,
+    modules: list[str],
+    needs: Iterable[str] = ("grad",),
+    batch_size: int = 10,
+    offload: bool = False,
+) -> Statistics:
+    """Gather ``needs`` over ``samples`` [N, L] for the listed linear modules (see the module docstring)."""
+    needs = frozenset(needs)
+    unknown = needs - NEEDS
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}")
+    collector = _Collector(model, modules, needs, offload)
+    per_sample = bool(needs & {"fisher", "unit_sums"})
+    device = next(model.parameters()).device
+    n = samples.shape[0]
+    with collector.hooks() as backward:
+        batches = samples.split(1 if per_sample else batch_size)
+        for batch in tqdm(batches, desc="statistics", disable=len(batches) < 4, leave=False):
+            batch = batch.to(device)
+            collector.sample_weight = batch.shape[0] / n
+            if backward:
+                model(input_ids=batch, labels=batch).loss.backward()
+            else:
+                with torch.no_grad():
+                    model(input_ids=batch)
+            collector.end_step(batch.numel())
+    return collector.statistics(n, per_sample)
