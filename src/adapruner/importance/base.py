@@ -34,6 +34,7 @@ class Statistics:
     tokens: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [steps]
     unit_wg: dict[str, torch.Tensor] = field(default_factory=dict)  # [samples, rows or cols]
     unit_wwgg: dict[str, torch.Tensor] = field(default_factory=dict)  # [samples, rows or cols]
+    sample: dict[str, torch.Tensor] = field(default_factory=dict)  # "loss", "grad_norm": [steps]
     num_samples: int = 0
     per_sample: bool = False
 
@@ -88,6 +89,8 @@ class Importance(ABC):
 
     name: ClassVar[str]
     requires: ClassVar[frozenset[str]] = frozenset()  # statistics it reads (see ``collector.NEEDS``)
+    # True when a subset's scores follow from per-sample cached numbers (no model pass for the subset)
+    decomposable: ClassVar[bool] = True
 
     def element_scores(self, weight: torch.Tensor, module: str, stats: Statistics) -> torch.Tensor:
         raise NotImplementedError

@@ -14,6 +14,9 @@ What is gathered, per module (``needs``):
 * ``unit_sums`` (per sample, for the statistics cache): row sums (q/k/v/gate/up) or column sums (o/down)
   of W*g_i and of W^2*g_i^2, so vector-wise and second-order scores of any subset are sums of cached
   numbers.
+
+Every backward step also records its loss and the norm of its gradient over the listed modules
+(``Statistics.sample``: per-sample dense loss and gradient norm in a per-sample pass).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class _Collector:
         self.fisher: dict[str, torch.Tensor] = {}
         self.sample_weight = 1.0
         self.step: dict[str, dict[str, torch.Tensor]] = {}  # statistic -> module -> value of this step
+        self.step_grad_sq = 0.0
         self.steps: dict[str, dict[str, list[torch.Tensor]]] = {}
 
     def _place(self, t: torch.Tensor) -> torch.Tensor:
@@ -59,6 +63,7 @@ class _Collector:
     def on_grad(self, name: str, param: torch.Tensor) -> None:
         g = param.grad.detach().float()
         param.grad = None
+        self.step_grad_sq += float(g.pow(2).sum())
         if "grad" in self.needs:
             self._accumulate(self.grads, name, g * self.sample_weight)
         if "fisher" in self.needs:
@@ -74,7 +79,11 @@ class _Collector:
         self.step.setdefault("act_sum", {})[name] = self._place(x.sum(0))
         self.step.setdefault("act_sq", {})[name] = self._place(x.pow(2).sum(0))
 
-    def end_step(self, tokens: int) -> None:
+    def end_step(self, tokens: int, loss: float | None) -> None:
+        if loss is not None:
+            self.step.setdefault("sample", {})["loss"] = torch.tensor(loss)
+            self.step["sample"]["grad_norm"] = torch.tensor(self.step_grad_sq**0.5)
+        self.step_grad_sq = 0.0
         for stat, values in self.step.items():
             for name, value in values.items():
                 self.steps.setdefault(stat, {}).setdefault(name, []).append(value)
@@ -91,6 +100,7 @@ class _Collector:
             tokens=stacked["tokens"][""],
             unit_wg=stacked.get("unit_wg", {}),
             unit_wwgg=stacked.get("unit_wwgg", {}),
+            sample=stacked.get("sample", {}),
             num_samples=num_samples,
             per_sample=per_sample,
         )
@@ -140,10 +150,13 @@ def collect_statistics(
         for batch in tqdm(batches, desc="statistics", disable=len(batches) < 4, leave=False):
             batch = batch.to(device)
             collector.sample_weight = batch.shape[0] / n
+            loss = None
             if backward:
-                model(input_ids=batch, labels=batch).loss.backward()
+                output = model(input_ids=batch, labels=batch)
+                output.loss.backward()
+                loss = float(output.loss.detach())
             else:
                 with torch.no_grad():
                     model(input_ids=batch)
-            collector.end_step(batch.numel())
+            collector.end_step(batch.numel(), loss)
     return collector.statistics(n, per_sample)

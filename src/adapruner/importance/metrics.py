@@ -49,6 +49,7 @@ class Element1(Importance):
 
     name = "element1"
     requires = frozenset({"grad"})
+    decomposable = False  # |.| of the subset's summed gradient
 
     def element_scores(self, weight: torch.Tensor, module: str, stats: Statistics) -> torch.Tensor:
         return (weight * stats.grad(module).to(weight.device)).abs()
@@ -59,6 +60,7 @@ class Element2(Importance):
 
     name = "element2"
     requires = frozenset({"grad", "fisher"})
+    decomposable = False
 
     def element_scores(self, weight: torch.Tensor, module: str, stats: Statistics) -> torch.Tensor:
         g = stats.grad(module).to(weight.device)
@@ -170,6 +172,10 @@ class Mix(Importance):
     @property
     def needs(self) -> frozenset[str]:
         return frozenset().union(*(p.needs for p in self.parts.values()))
+
+    @property
+    def decomposable(self) -> bool:  # type: ignore[override]
+        return all(p.decomposable for p in self.parts.values())
 
     def group_scores(self, model, group, stats, aggregation):
         return self.score_all(model, [group], stats, aggregation)[(group.layer, group.kind)]
