@@ -150,7 +150,8 @@ def test_info_on_non_adapruner_dir(tmp_path):
         ["--metric", "vector", "--aggregation", "last"],
         ["--metric", "wanda_sp", "--global-ranking"],
         ["--metric", "flap", "--head-mode", "kv-group"],
-        ["--metric", "second", "--aggregation", "prod"],
+        ["--metric", "second", "--aggregation", "prod", "--gradient-checkpointing"],
+        ["--metric", "element1", "--batch-size", "3", "--num-samples", "7"],
         ["--metric", "mix", "--mix", "element1=0.5,wanda_sp=0.5", "--aggregation", "mean"],
     ],
 )

@@ -113,3 +113,29 @@ def test_bf16_model_gets_fp32_statistics():
     assert all(v.dtype == torch.float32 for v in stats.grads.values())
     scores = score_groups(model, groups, get_metric("element2"), stats)
     assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in scores.values())
+
+
+@pytest.mark.parametrize("metric", ["element1", "vector"])
+def test_one_step_lean_pass_equals_accumulated_gradients(metric):
+    """With all samples in one batch no per-element gradient is kept; scores must not change."""
+    model, modules, groups = setup("qwen2-gqa")
+    samples = tiny_pool().input_ids[:4]
+    lean = collect_statistics(model, samples, modules, {"grad"}, batch_size=4)
+    assert not lean.grads and lean.unit_abs_wg
+    accumulated = collect_statistics(model, samples, modules, {"grad"}, batch_size=1)
+    assert accumulated.grads and not accumulated.unit_abs_wg
+    a = score_groups(model, groups, get_metric(metric), lean)
+    b = score_groups(model, groups, get_metric(metric), accumulated)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_statistics():
+    model, modules, _ = setup()
+    samples = tiny_pool().input_ids[:3]
+    plain = collect_statistics(model, samples, modules, {"grad", "fisher"})
+    checkpointed = collect_statistics(model, samples, modules, {"grad", "fisher"}, checkpointing=True)
+    assert not model.training and not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    for name in modules:
+        torch.testing.assert_close(checkpointed.grads[name], plain.grads[name])
+        torch.testing.assert_close(checkpointed.fisher[name], plain.fisher[name])

@@ -54,6 +54,8 @@ class PruneConfig:
     mix: dict[str, float] | None = None
     global_ranking: bool = False
     offload: bool = False
+    batch_size: int | None = None  # samples per statistics step; None: all at once, as LLM-Pruner does
+    gradient_checkpointing: bool = False
 
     def build_metric(self) -> Importance:
         return get_metric(self.metric, seed=self.seed, mix=self.mix)
@@ -95,7 +97,15 @@ def _statistics(model, tokenizer, adapter: ModelAdapter, layers: list[int], cfg:
 
     samples = sample_mixture(tokenizer, cfg.calibration, cfg.num_samples, cfg.seq_len, seed=cfg.seed)
     names = [n for i in layers for n in adapter.prunable_module_names(i).values()]
-    return collect_statistics(model, samples, names, needs, offload=cfg.offload)
+    return collect_statistics(
+        model,
+        samples,
+        names,
+        needs,
+        batch_size=cfg.batch_size or samples.shape[0],
+        offload=cfg.offload,
+        checkpointing=cfg.gradient_checkpointing,
+    )
 
 
 def compute_scores(model: torch.nn.Module, tokenizer: Any, cfg: PruneConfig) -> tuple[Scores, Budget]:

@@ -75,6 +75,8 @@ Seed = Annotated[int, typer.Option(help="Seed for calibration sampling and the r
 Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 DeviceMap = Annotated[str | None, typer.Option(help="Passed to from_pretrained, e.g. auto.")]
 Offload = Annotated[bool, typer.Option(help="Keep gradient statistics on the CPU (large models).")]
+BatchSize = Annotated[int | None, typer.Option(help="Samples per statistics step (default: all at once).")]
+Checkpointing = Annotated[bool, typer.Option(help="Gradient checkpointing in the statistics pass (less memory).")]
 
 
 def _prune_options(**kwargs: Any) -> dict[str, Any]:
@@ -103,6 +105,8 @@ def prune(
     dtype: Dtype = "float32",
     device_map: DeviceMap = None,
     offload: Offload = False,
+    batch_size: BatchSize = None,
+    gradient_checkpointing: Checkpointing = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
     """Prune MODEL by RATIO of its parameters and save a loadable HF directory."""
@@ -123,6 +127,8 @@ def prune(
         seed=seed,
         dtype=dtype,
         offload=offload,
+        batch_size=batch_size,
+        gradient_checkpointing=gradient_checkpointing,
     )
     result = api.prune(model, ratio, output=output, overwrite=overwrite, device_map=device_map, **options)
     rec = result.record
@@ -160,6 +166,8 @@ def importance(
     dtype: Dtype = "float32",
     device_map: DeviceMap = None,
     offload: Offload = False,
+    batch_size: BatchSize = None,
+    gradient_checkpointing: Checkpointing = False,
 ) -> None:
     """Score every prunable group of MODEL and save the scores (and the plan RATIO would give) as JSON."""
     from . import api
@@ -179,6 +187,8 @@ def importance(
         seed=seed,
         dtype=dtype,
         offload=offload,
+        batch_size=batch_size,
+        gradient_checkpointing=gradient_checkpointing,
     )
     report = api.score_importance(model, ratio, output=output, device_map=device_map, **options)
     out.print(f"scores of {len(report['scores'])} groups written to {output}")

@@ -34,6 +34,7 @@ class Statistics:
     tokens: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [steps]
     unit_wg: dict[str, torch.Tensor] = field(default_factory=dict)  # [samples, rows or cols]
     unit_wwgg: dict[str, torch.Tensor] = field(default_factory=dict)  # [samples, rows or cols]
+    unit_abs_wg: dict[str, torch.Tensor] = field(default_factory=dict)  # [1, rows or cols], lean element1
     sample: dict[str, torch.Tensor] = field(default_factory=dict)  # "loss", "grad_norm": [steps]
     num_samples: int = 0
     per_sample: bool = False

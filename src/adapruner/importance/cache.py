@@ -117,5 +117,6 @@ class StatisticsCache:
             if key not in self._memo:
                 samples = self.pool.input_ids[list(key[0])]
                 self._memo[key] = collect_statistics(self.model, samples, self.modules, extra, offload=self.offload)
-            stats.grads, stats.fisher = self._memo[key].grads, self._memo[key].fisher
+            memo = self._memo[key]
+            stats.grads, stats.fisher, stats.unit_abs_wg = memo.grads, memo.fisher, memo.unit_abs_wg
         return stats

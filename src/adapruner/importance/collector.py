@@ -25,6 +25,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
+from torch.nn import functional
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .base import Statistics
@@ -48,6 +50,7 @@ class _Collector:
         self.sample_weight = 1.0
         self.step: dict[str, dict[str, torch.Tensor]] = {}  # statistic -> module -> value of this step
         self.step_grad_sq = 0.0
+        self.lean = False
         self.steps: dict[str, dict[str, list[torch.Tensor]]] = {}
 
     def _place(self, t: torch.Tensor) -> torch.Tensor:
@@ -64,7 +67,12 @@ class _Collector:
         g = param.grad.detach().float()
         param.grad = None
         self.step_grad_sq += float(g.pow(2).sum())
-        if "grad" in self.needs:
+        if self.lean:  # one step holds the whole subset: reduce now, keep no per-element gradient
+            w = param.detach().float()
+            dim = _reduce_dim(name)
+            self.step.setdefault("unit_abs_wg", {})[name] = self._place((w * g).abs().sum(dim))
+            self.step.setdefault("unit_wg", {})[name] = self._place((w * g).sum(dim))
+        elif "grad" in self.needs:
             self._accumulate(self.grads, name, g * self.sample_weight)
         if "fisher" in self.needs:
             self._accumulate(self.fisher, name, g.pow(2) * self.sample_weight)
@@ -100,6 +108,7 @@ class _Collector:
             tokens=stacked["tokens"][""],
             unit_wg=stacked.get("unit_wg", {}),
             unit_wwgg=stacked.get("unit_wwgg", {}),
+            unit_abs_wg=stacked.get("unit_abs_wg", {}),
             sample=stacked.get("sample", {}),
             num_samples=num_samples,
             per_sample=per_sample,
@@ -128,6 +137,48 @@ class _Collector:
                 p.grad = None
 
 
+def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Mean next-token loss (as ``model(labels=...)`` computes it) without ever holding the full logits.
+
+    The vocabulary projection runs on ``chunk`` tokens at a time under checkpointing, so the
+    [tokens, vocab] logits and their gradient never exist at once: on small-hidden models with large
+    vocabularies (SmolLM2: 576 vs 49,152) they are the biggest tensors of the pass.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = input_ids[:, 1:].reshape(-1).to(hidden.device)
+    head = model.get_output_embeddings()
+    total = sum(
+        checkpoint(_chunk_loss, head, h, t, use_reentrant=False)
+        for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True)
+    )
+    return total / targets.numel()
+
+
+@contextmanager
+def _checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """HF gradient checkpointing only acts in train mode; dropout is off in the models we prune."""
+    if not enabled:
+        yield
+        return
+    was_training = model.training
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.train()
+    try:
+        yield
+    finally:
+        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
+        model.train(was_training)
+
+
 def collect_statistics(
     model: torch.nn.Module,
     samples: torch.Tensor,
@@ -135,26 +186,34 @@ def collect_statistics(
     needs: Iterable[str] = ("grad",),
     batch_size: int = 10,
     offload: bool = False,
+    checkpointing: bool = False,
 ) -> Statistics:
-    """Gather ``needs`` over ``samples`` [N, L] for the listed linear modules (see the module docstring)."""
+    """Gather ``needs`` over ``samples`` [N, L] for the listed linear modules (see the module docstring).
+
+    When only the mean gradient is needed and one batch holds all samples, no per-element gradient is
+    kept at all: each arriving gradient is reduced at once to the row/column sums of W*g and |W*g|,
+    which is all element1 and vector read. ``checkpointing`` recomputes activations in the backward
+    pass (transformers' gradient checkpointing) to trade time for memory.
+    """
     needs = frozenset(needs)
     unknown = needs - NEEDS
     if unknown:
         raise ValueError(f"unknown statistics {sorted(unknown)}")
     collector = _Collector(model, modules, needs, offload)
     per_sample = bool(needs & {"fisher", "unit_sums"})
+    collector.lean = needs & {"grad", "fisher", "unit_sums"} == {"grad"} and samples.shape[0] <= batch_size
     device = next(model.parameters()).device
     n = samples.shape[0]
-    with collector.hooks() as backward:
+    with collector.hooks() as backward, _checkpointing(model, checkpointing and backward):
         batches = samples.split(1 if per_sample else batch_size)
         for batch in tqdm(batches, desc="statistics", disable=len(batches) < 4, leave=False):
             batch = batch.to(device)
             collector.sample_weight = batch.shape[0] / n
             loss = None
             if backward:
-                output = model(input_ids=batch, labels=batch)
-                output.loss.backward()
-                loss = float(output.loss.detach())
+                batch_loss = lm_loss(model, batch)
+                batch_loss.backward()
+                loss = float(batch_loss.detach())
             else:
                 with torch.no_grad():
                     model(input_ids=batch)

@@ -51,6 +51,11 @@ class Element1(Importance):
     requires = frozenset({"grad"})
     decomposable = False  # |.| of the subset's summed gradient
 
+    def member_scores(self, weight: torch.Tensor, member: Member, stats: Statistics) -> torch.Tensor:
+        if member.module in stats.unit_abs_wg:  # reduced in the gradient hook (one-step pass)
+            return _slice_sum(stats.mean_unit_sums("unit_abs_wg", member.module), member)
+        return super().member_scores(weight, member, stats)
+
     def element_scores(self, weight: torch.Tensor, module: str, stats: Statistics) -> torch.Tensor:
         return (weight * stats.grad(module).to(weight.device)).abs()
 
@@ -90,7 +95,7 @@ class Vector(Importance):
     requires = frozenset({"grad"})
 
     def member_scores(self, weight: torch.Tensor, member: Member, stats: Statistics) -> torch.Tensor:
-        if member.module in stats.unit_wg:
+        if member.module in stats.unit_wg:  # per-sample cache or one-step pass
             return _slice_sum(stats.mean_unit_sums("unit_wg", member.module), member).abs()
         wg = weight.float() * stats.grad(member.module).to(weight.device)
         return _slice_sum(wg.sum(1) if member.dim == 0 else wg.sum(0), member).abs()
@@ -102,8 +107,12 @@ class WandaSP(Importance):
     name = "wanda_sp"
     requires = frozenset({"activations"})
 
-    def element_scores(self, weight: torch.Tensor, module: str, stats: Statistics) -> torch.Tensor:
-        return weight.abs() * stats.input_norm(module).to(weight.device)[None, :]
+    def member_scores(self, weight: torch.Tensor, member: Member, stats: Statistics) -> torch.Tensor:
+        # per row: |W| @ ||X||; per column: ||X_j|| * sum_i |W_ij| -- no [out, in] temporary beyond |W|
+        norm = stats.input_norm(member.module).to(weight.device)
+        magnitude = weight.float().abs()
+        per_index = magnitude @ norm if member.dim == 0 else magnitude.sum(0) * norm
+        return _slice_sum(per_index, member)
 
 
 class Flap(Importance):
