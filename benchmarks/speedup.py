@@ -35,7 +35,13 @@ def measure(model, batch: int, prefill: int, new_tokens: int, repeats: int) -> d
     short = ids[:, :16]
     t_prefill = best_time(lambda: model(input_ids=ids), repeats)
     t_generate = best_time(
-        lambda: model.generate(short, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False),
+        lambda: model.generate(
+            short,
+            attention_mask=torch.ones_like(short),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+        ),
         repeats,
     )
     return {

@@ -103,11 +103,10 @@ def make_tokenizer(vocab_size: int = 300):
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="</s>", bos_token="<s>")
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    """A saved tiny LLaMA-GQA model with a tokenizer, plus a local corpus, as a user would have them."""
+def save_tiny(directory, name: str = "llama-gqa") -> None:
+    """A saved tiny model of family ``name`` with a tokenizer, as a user would have it."""
     tokenizer = make_tokenizer()
-    config_cls, extra = TINY["llama-gqa"]
+    config_cls, extra = TINY[name]
     config = config_cls(
         vocab_size=len(tokenizer),
         hidden_size=48,
@@ -118,8 +117,14 @@ def tiny_model_dir(tmp_path):
         **extra,
     )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, monkeypatch):
+    """``tmp_path`` with a saved tiny LLaMA-GQA model (``tiny/``) and a local corpus (``corpus.txt``)."""
+    monkeypatch.setenv("ADAPRUNER_CACHE", str(tmp_path / "cache"))
+    save_tiny(tmp_path / "tiny")
     write_corpus(tmp_path / "corpus.txt")
     return tmp_path

@@ -203,3 +203,67 @@ def test_mix_without_weights_is_refused(tiny_model_dir):
     root = tiny_model_dir
     result = run(*prune_args(root, "--output", root / "out", "--metric", "mix"))
     assert result.exit_code == 2 and "positive weight" in result.output
+
+
+@pytest.mark.parametrize("family", ["mistral-gqa", "qwen2-gqa", "qwen2-mha", "llama-mha"])
+@pytest.mark.parametrize("metric", ["element2", "flap", "vector"])
+def test_metrics_on_every_family_from_the_cli(tiny_model_dir, family, metric):
+    from conftest import save_tiny
+
+    root = tiny_model_dir
+    save_tiny(root / family, family)
+    result = run(
+        "prune",
+        root / family,
+        "--ratio",
+        "0.15",
+        "--metric",
+        metric,
+        "--calibration",
+        root / "corpus.txt",
+        "--seq-len",
+        "16",
+        "--layers",
+        "1:3",
+        "--output",
+        root / "out",
+    )
+    assert result.exit_code == 0, result.output
+    assert run("evaluate", root / "out", "--ppl", root / "corpus.txt", "--seq-len", "16").exit_code == 0
+
+
+def test_pool_command_writes_per_sample_statistics(tiny_model_dir):
+    import csv
+
+    root = tiny_model_dir
+    result = run(
+        "pool",
+        root / "tiny",
+        "--calibration",
+        root / "corpus.txt",
+        "--per-source",
+        "6",
+        "--seq-len",
+        "16",
+        "--output",
+        root / "pool.csv",
+    )
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((root / "pool.csv").open()))
+    assert len(rows) == 6 and {"source", "loss", "grad_norm", "tokens"} <= set(rows[0])
+    assert all(float(r["loss"]) > 0 and float(r["grad_norm"]) > 0 for r in rows)
+    assert list((root / "cache" / "stats").glob("*.safetensors"))
+    result = run(
+        "pool",
+        root / "tiny",
+        "--calibration",
+        root / "corpus.txt",
+        "--per-source",
+        "999",
+        "--seq-len",
+        "16",
+        "--output",
+        root / "pool2.csv",
+    )
+    assert result.exit_code == 2 and "windows of 16 tokens" in result.output
+    assert not (root / "pool2.csv").exists()

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import PruneConfig, PruneResult, evaluate, info, load_pruned, prune, score_importance
+from .api import (
+    PruneConfig,
+    PruneResult,
+    build_calibration_pool,
+    evaluate,
+    info,
+    load_pruned,
+    prune,
+    score_importance,
+)
 from .errors import AdaPrunerError, OfflineError
 
 __all__ = [
@@ -13,6 +22,7 @@ __all__ = [
     "PruneConfig",
     "PruneResult",
     "__version__",
+    "build_calibration_pool",
     "evaluate",
     "info",
     "load_pruned",

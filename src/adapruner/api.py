@@ -14,13 +14,15 @@ from typing import Any
 import torch
 
 from . import __version__
+from .data.pool import CalibrationPool, build_pool
 from .errors import AdaPrunerError
 from .importance import AGGREGATIONS, Importance, Statistics, collect_statistics, get_metric, score_groups
+from .importance.cache import StatisticsCache
 from .models.base import ModelAdapter, get_adapter
 from .models.groups import HEAD_MODES, layer_groups
 from .models.loading import load_causal_lm, load_model
 from .pruning.apply import prune_physically
-from .pruning.io import check_output_dir, read_record, save_pruned, write_json_atomic
+from .pruning.io import check_output_dir, read_record, save_pruned, write_csv_atomic, write_json_atomic
 from .pruning.plan import (
     Budget,
     PrunePlan,
@@ -223,6 +225,36 @@ def score_importance(
     if output is not None:
         write_json_atomic(Path(output), report)
     return report
+
+
+def build_calibration_pool(
+    model: str,
+    calibration: str = "books,wiki,news,squad",
+    *,
+    per_source: int = 16,
+    seq_len: int = 128,
+    seed: int = 0,
+    layers: str | None = None,
+    output: str | Path | None = None,
+    dtype: str = "float32",
+) -> CalibrationPool:
+    """A pool of candidate calibration samples with per-sample dense loss and gradient norm.
+
+    Runs the per-sample statistics pass once (stored in the statistics cache, so later scoring of any
+    subset is free) and, with ``output``, writes one CSV row per sample.
+    """
+    hf_model, tokenizer = load_model(model, dtype)
+    adapter = get_adapter(hf_model)
+    pool = build_pool(tokenizer, calibration, per_source, seq_len, seed)
+    names = [
+        n
+        for i in range(*parse_layer_range(layers, adapter.num_layers))
+        for n in adapter.prunable_module_names(i).values()
+    ]
+    StatisticsCache(hf_model, pool, names).per_sample()
+    if output is not None:
+        write_csv_atomic(Path(output), pool.describe())
+    return pool
 
 
 def load_pruned(directory: str | Path, dtype: str = "float32", device_map: str | None = None) -> torch.nn.Module:

@@ -196,6 +196,38 @@ def importance(
 
 @app.command()
 @user_errors
+def pool(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option(help="CSV file: one row per sample with its statistics.")],
+    calibration: Calibration = "books,wiki,news,squad",
+    per_source: Annotated[int, typer.Option(help="Samples drawn from each source.")] = 16,
+    seq_len: SeqLen = 128,
+    layers: Layers = None,
+    seed: Seed = 0,
+    dtype: Dtype = "float32",
+) -> None:
+    """Build a calibration pool and its per-sample statistics (dense loss, gradient norm), cached on disk."""
+    from . import api
+
+    built = api.build_calibration_pool(
+        model, calibration, per_source=per_source, seq_len=seq_len, seed=seed, layers=layers, output=output, dtype=dtype
+    )
+    table = Table(title=f"pool {built.fingerprint}: {len(built)} samples x {built.seq_len} tokens")
+    for col in ("source", "samples", "mean loss", "mean grad norm"):
+        table.add_column(col, justify="right")
+    for source in built.source_names():
+        idx = [i for i, s in enumerate(built.sources) if s == source]
+        table.add_row(
+            source,
+            str(len(idx)),
+            f"{built.stats['loss'][idx].mean():.3f}",
+            f"{built.stats['grad_norm'][idx].mean():.3f}",
+        )
+    out.print(table)
+
+
+@app.command()
+@user_errors
 def evaluate(
     model: Annotated[str, typer.Argument(help="Asset name, pruned or plain model directory, or hub id.")],
     ppl: Annotated[str, typer.Option(help="Comma-separated text sources (test split).")] = "wiki,news",
