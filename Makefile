@@ -30,6 +30,9 @@ demo: assets
 	$(PY) scripts/demo.py
 
 bench: assets
+	$(PY) benchmarks/importance_memory.py
+	$(PY) benchmarks/importance_memory.py --no-checkpointing
+	$(PY) benchmarks/importance_speed.py
 	$(PY) benchmarks/speedup.py
 
 clean:

@@ -88,7 +88,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument(
+        "--no-checkpointing",
+        dest="checkpointing",
+        action="store_false",
+        help="measure the collector without gradient checkpointing (on by default, as in prune)",
+    )
     parser.add_argument("--variant", choices=["naive", "adapruner"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:

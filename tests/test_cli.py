@@ -150,7 +150,7 @@ def test_info_on_non_adapruner_dir(tmp_path):
         ["--metric", "vector", "--aggregation", "last"],
         ["--metric", "wanda_sp", "--global-ranking"],
         ["--metric", "flap", "--head-mode", "kv-group"],
-        ["--metric", "second", "--aggregation", "prod", "--gradient-checkpointing"],
+        ["--metric", "second", "--aggregation", "prod", "--no-gradient-checkpointing"],
         ["--metric", "element1", "--batch-size", "3", "--num-samples", "7"],
         ["--metric", "mix", "--mix", "element1=0.5,wanda_sp=0.5", "--aggregation", "mean"],
     ],
@@ -267,3 +267,14 @@ def test_pool_command_writes_per_sample_statistics(tiny_model_dir):
     )
     assert result.exit_code == 2 and "windows of 16 tokens" in result.output
     assert not (root / "pool2.csv").exists()
+
+
+def test_bfloat16_pruning_keeps_the_dtype(tiny_model_dir):
+    import torch
+
+    from adapruner import load_pruned
+
+    root = tiny_model_dir
+    result = run(*prune_args(root, "--output", root / "out", "--dtype", "bfloat16", "--metric", "element2"))
+    assert result.exit_code == 0, result.output
+    assert load_pruned(root / "out", dtype="bfloat16").model.embed_tokens.weight.dtype == torch.bfloat16

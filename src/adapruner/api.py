@@ -57,7 +57,7 @@ class PruneConfig:
     global_ranking: bool = False
     offload: bool = False
     batch_size: int | None = None  # samples per statistics step; None: all at once, as LLM-Pruner does
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = True  # same statistics, ~0.5x peak memory, a little slower
 
     def build_metric(self) -> Importance:
         return get_metric(self.metric, seed=self.seed, mix=self.mix)

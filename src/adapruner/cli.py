@@ -6,6 +6,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -79,9 +80,14 @@ BatchSize = Annotated[int | None, typer.Option(help="Samples per statistics step
 Checkpointing = Annotated[bool, typer.Option(help="Gradient checkpointing in the statistics pass (less memory).")]
 
 
-def _prune_options(**kwargs: Any) -> dict[str, Any]:
-    kwargs["mix"] = parse_mix(kwargs.get("mix")) or None
-    return kwargs
+def _config_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The PruneConfig fields among a command's parameters (``--mix`` text parsed into weights)."""
+    from .api import PruneConfig
+
+    names = {f.name for f in fields(PruneConfig)} - {"model", "ratio"}
+    options = {k: v for k, v in values.items() if k in names}
+    options["mix"] = parse_mix(options.get("mix")) or None
+    return options
 
 
 @app.command()
@@ -106,30 +112,13 @@ def prune(
     device_map: DeviceMap = None,
     offload: Offload = False,
     batch_size: BatchSize = None,
-    gradient_checkpointing: Checkpointing = False,
+    gradient_checkpointing: Checkpointing = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
     """Prune MODEL by RATIO of its parameters and save a loadable HF directory."""
     from . import api
 
-    options = _prune_options(
-        metric=metric,
-        mix=mix,
-        aggregation=aggregation,
-        calibration=calibration,
-        num_samples=num_samples,
-        seq_len=seq_len,
-        layers=layers,
-        head_mode=head_mode,
-        attention_scale=attention_scale,
-        round_to=round_to,
-        global_ranking=global_ranking,
-        seed=seed,
-        dtype=dtype,
-        offload=offload,
-        batch_size=batch_size,
-        gradient_checkpointing=gradient_checkpointing,
-    )
+    options = _config_options(locals())
     result = api.prune(model, ratio, output=output, overwrite=overwrite, device_map=device_map, **options)
     rec = result.record
     table = Table(title=f"pruned {model} -> {output}")
@@ -167,29 +156,12 @@ def importance(
     device_map: DeviceMap = None,
     offload: Offload = False,
     batch_size: BatchSize = None,
-    gradient_checkpointing: Checkpointing = False,
+    gradient_checkpointing: Checkpointing = True,
 ) -> None:
     """Score every prunable group of MODEL and save the scores (and the plan RATIO would give) as JSON."""
     from . import api
 
-    options = _prune_options(
-        metric=metric,
-        mix=mix,
-        aggregation=aggregation,
-        calibration=calibration,
-        num_samples=num_samples,
-        seq_len=seq_len,
-        layers=layers,
-        head_mode=head_mode,
-        attention_scale=attention_scale,
-        round_to=round_to,
-        global_ranking=global_ranking,
-        seed=seed,
-        dtype=dtype,
-        offload=offload,
-        batch_size=batch_size,
-        gradient_checkpointing=gradient_checkpointing,
-    )
+    options = _config_options(locals())
     report = api.score_importance(model, ratio, output=output, device_map=device_map, **options)
     out.print(f"scores of {len(report['scores'])} groups written to {output}")
 

@@ -63,29 +63,30 @@ class _Collector:
         else:
             table[name] = value.clone()
 
+    def _record(self, stat: str, name: str, value: torch.Tensor) -> None:
+        self.step.setdefault(stat, {})[name] = self._place(value)
+
     def on_grad(self, name: str, param: torch.Tensor) -> None:
         g = param.grad.detach().float()
         param.grad = None
         self.step_grad_sq += float(g.pow(2).sum())
-        if self.lean:  # one step holds the whole subset: reduce now, keep no per-element gradient
-            w = param.detach().float()
+        if self.lean or "unit_sums" in self.needs:  # reduce now to per-row/column sums
+            wg = param.detach().float() * g
             dim = _reduce_dim(name)
-            self.step.setdefault("unit_abs_wg", {})[name] = self._place((w * g).abs().sum(dim))
-            self.step.setdefault("unit_wg", {})[name] = self._place((w * g).sum(dim))
-        elif "grad" in self.needs:
+            self._record("unit_wg", name, wg.sum(dim))
+            if self.lean:  # one step holds the whole subset: no per-element gradient is kept
+                self._record("unit_abs_wg", name, wg.abs().sum(dim))
+            if "unit_sums" in self.needs:
+                self._record("unit_wwgg", name, wg.pow(2).sum(dim))
+        if "grad" in self.needs and not self.lean:
             self._accumulate(self.grads, name, g * self.sample_weight)
         if "fisher" in self.needs:
             self._accumulate(self.fisher, name, g.pow(2) * self.sample_weight)
-        if "unit_sums" in self.needs:
-            w = param.detach().float()
-            dim = _reduce_dim(name)
-            self.step.setdefault("unit_wg", {})[name] = self._place((w * g).sum(dim))
-            self.step.setdefault("unit_wwgg", {})[name] = self._place((w.pow(2) * g.pow(2)).sum(dim))
 
     def on_input(self, name: str, x: torch.Tensor) -> None:
         x = x.detach().float().reshape(-1, x.shape[-1])
-        self.step.setdefault("act_sum", {})[name] = self._place(x.sum(0))
-        self.step.setdefault("act_sq", {})[name] = self._place(x.pow(2).sum(0))
+        self._record("act_sum", name, x.sum(0))
+        self._record("act_sq", name, x.pow(2).sum(0))
 
     def end_step(self, tokens: int, loss: float | None) -> None:
         if loss is not None:
