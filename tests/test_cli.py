@@ -278,3 +278,40 @@ def test_bfloat16_pruning_keeps_the_dtype(tiny_model_dir):
     result = run(*prune_args(root, "--output", root / "out", "--dtype", "bfloat16", "--metric", "element2"))
     assert result.exit_code == 0, result.output
     assert load_pruned(root / "out", dtype="bfloat16").model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_search_then_prune_from_run(tiny_model_dir):
+    root = tiny_model_dir
+    corpus = str(root / "corpus.txt")
+    result = run(
+        "search",
+        root / "tiny",
+        "--ratio",
+        "0.15",
+        "--trials",
+        "3",
+        "--sources",
+        corpus,
+        "--metrics",
+        "element1,wanda_sp",
+        "--pool-per-source",
+        "10",
+        "--pool-seq-len",
+        "16",
+        "--objective-source",
+        corpus,
+        "--objective-tokens",
+        "512",
+        "--layers",
+        "1:3",
+        "--output",
+        root / "run",
+    )
+    assert result.exit_code == 0, result.output
+    assert {"study.db", "best.json", "trials.csv"} <= {p.name for p in (root / "run").iterdir()}
+    result = run("prune", root / "tiny", "--from-run", root / "run", "--output", root / "pruned")
+    assert result.exit_code == 0, result.output
+    assert json.loads((root / "pruned" / "adapruner.json").read_text())["search"]["run"] == str(root / "run")
+    result = run("search", root / "tiny", "--ratio", "0.15", "--output", root / "run2", "--space", "both")
+    assert result.exit_code == 2 and "unknown --space" in result.output
+    assert run("prune", root / "tiny", "--output", root / "x").exit_code == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from collections.abc import Iterator
@@ -91,13 +92,16 @@ def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
     log(f"{step}: {timings[step]:.1f}s")
 
 
-def _statistics(model, tokenizer, adapter: ModelAdapter, layers: list[int], cfg: PruneConfig) -> Statistics:
+def _statistics(
+    model, tokenizer, adapter: ModelAdapter, layers: list[int], cfg: PruneConfig, samples: torch.Tensor | None = None
+) -> Statistics:
     needs = cfg.build_metric().needs
     if not needs:
         return Statistics()
     from .data import sample_mixture
 
-    samples = sample_mixture(tokenizer, cfg.calibration, cfg.num_samples, cfg.seq_len, seed=cfg.seed)
+    if samples is None:
+        samples = sample_mixture(tokenizer, cfg.calibration, cfg.num_samples, cfg.seq_len, seed=cfg.seed)
     names = [n for i in layers for n in adapter.prunable_module_names(i).values()]
     return collect_statistics(
         model,
@@ -110,20 +114,24 @@ def _statistics(model, tokenizer, adapter: ModelAdapter, layers: list[int], cfg:
     )
 
 
-def compute_scores(model: torch.nn.Module, tokenizer: Any, cfg: PruneConfig) -> tuple[Scores, Budget]:
+def compute_scores(
+    model: torch.nn.Module, tokenizer: Any, cfg: PruneConfig, samples: torch.Tensor | None = None
+) -> tuple[Scores, Budget]:
     """Importance of every group in the pruned layer range, and the budget they will be cut under."""
     adapter = get_adapter(model)
     layer_range = parse_layer_range(cfg.layers, adapter.num_layers)
     budget = Budget(cfg.ratio, layer_range, cfg.attention_scale, cfg.round_to, cfg.head_mode)
     layers = list(range(*layer_range))
-    stats = _statistics(model, tokenizer, adapter, layers, cfg)
+    stats = _statistics(model, tokenizer, adapter, layers, cfg, samples)
     groups = layer_groups(adapter, layers, cfg.head_mode)
     return score_groups(model, groups, cfg.build_metric(), stats, cfg.aggregation), budget
 
 
-def compute_plan(model: torch.nn.Module, tokenizer: Any, cfg: PruneConfig) -> tuple[PrunePlan, dict]:
+def compute_plan(
+    model: torch.nn.Module, tokenizer: Any, cfg: PruneConfig, samples: torch.Tensor | None = None
+) -> tuple[PrunePlan, dict]:
     """Score the groups of the pruned layers and keep the best units under the budget."""
-    scores, budget = compute_scores(model, tokenizer, cfg)
+    scores, budget = compute_scores(model, tokenizer, cfg, samples)
     plan, info = plan_for_scores(model, scores, budget, cfg)
     return plan, info
 
@@ -147,20 +155,54 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _options_from_run(run_dir: Path) -> tuple[float, dict[str, Any], dict[str, Any]]:
+    """Ratio, PruneConfig options and the calibration pool subset of a search's best trial."""
+    path = Path(run_dir) / "best.json"
+    if not path.is_file():
+        raise AdaPrunerError(f"{run_dir} holds no finished search (best.json is missing): run `adapruner search` first")
+    try:
+        best = json.loads(path.read_text())
+        config, pool = best["best"]["config"], best["pool"]
+        options = {
+            "metric": config["metric"],
+            "aggregation": config["aggregation"],
+            "mix": config["mix"],
+            "attention_scale": config["attention_scale"],
+            "global_ranking": config["global_ranking"],
+            "layers": best["layers"],
+            "head_mode": best["head_mode"],
+            "seed": config["subset_seed"],
+            "calibration": ",".join(config["sources"]),
+            "num_samples": config["num_samples"],
+            "seq_len": pool["seq_len"],
+        }
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise AdaPrunerError(f"{path} is corrupted ({exc}): run the search again") from None
+    return float(best["ratio"]), options, {"pool": pool, "subset": best["best"]["subset"], "run": str(run_dir)}
+
+
 def prune(
     model: str,
-    ratio: float,
+    ratio: float | None = None,
     *,
     output: str | Path | None = None,
     overwrite: bool = False,
     device_map: str | None = None,
+    from_run: str | Path | None = None,
     **options: Any,
 ) -> PruneResult:
     """Prune ``model`` (asset name, local dir or hub id) by ``ratio`` of its parameters.
 
     ``options`` are the fields of :class:`PruneConfig` (metric, calibration, layers, ...). With
-    ``output`` the pruned model is saved as an HF directory plus ``adapruner.json``.
+    ``from_run`` the configuration (and the exact calibration samples) of a search's best trial are used.
+    With ``output`` the pruned model is saved as an HF directory plus ``adapruner.json``.
     """
+    searched = None
+    if from_run is not None:
+        ratio, run_options, searched = _options_from_run(Path(from_run))
+        options = run_options | {k: v for k, v in options.items() if k == "dtype"}
+    if ratio is None:
+        raise AdaPrunerError("give --ratio (or --from-run RUN_DIR)")
     cfg = PruneConfig(model=model, ratio=ratio, **options)
     cfg.validate()
     if output is not None:
@@ -169,8 +211,13 @@ def prune(
     with _timed(timings, "load"):
         hf_model, tokenizer = load_model(model, cfg.dtype, device_map)
     dense_shapes = get_adapter(hf_model).layer_shapes()
+    samples = None
+    if searched is not None:
+        spec = searched["pool"]
+        pool = build_pool(tokenizer, spec["sources"], spec["per_source"], spec["seq_len"], spec["seed"])
+        samples = pool.input_ids[searched["subset"]]
     with _timed(timings, "score"):
-        plan, info = compute_plan(hf_model, tokenizer, cfg)
+        plan, info = compute_plan(hf_model, tokenizer, cfg, samples)
     with _timed(timings, "prune"):
         prune_physically(get_adapter(hf_model), plan)
     pruned_params = count_params(hf_model)
@@ -184,6 +231,7 @@ def prune(
         "params": {"dense": info["dense_params"], "pruned": pruned_params},
         "layer_range": info["layers"],
         "config": asdict(cfg),
+        "search": searched,
         "layer_shapes": [s.to_dict() for s in plan.shapes()],
         "plan": plan.to_dict(),
         "versions": _versions(),

@@ -94,8 +94,11 @@ def _config_options(values: dict[str, Any]) -> dict[str, Any]:
 @user_errors
 def prune(
     model: ModelArg,
-    ratio: Ratio,
     output: Annotated[Path, typer.Option(help="Directory for the pruned model.")],
+    ratio: Annotated[float | None, typer.Option(help="Fraction of the whole model's parameters to remove.")] = None,
+    from_run: Annotated[
+        Path | None, typer.Option(help="Use the best configuration of `adapruner search` in this run directory.")
+    ] = None,
     metric: Metric = "element1",
     mix: Mix = None,
     aggregation: Aggregation = "sum",
@@ -119,7 +122,9 @@ def prune(
     from . import api
 
     options = _config_options(locals())
-    result = api.prune(model, ratio, output=output, overwrite=overwrite, device_map=device_map, **options)
+    result = api.prune(
+        model, ratio, output=output, overwrite=overwrite, device_map=device_map, from_run=from_run, **options
+    )
     rec = result.record
     table = Table(title=f"pruned {model} -> {output}")
     for col in ("dense params", "pruned params", "target ratio", "achieved ratio", "time (s)"):
@@ -127,7 +132,7 @@ def prune(
     table.add_row(
         f"{rec['params']['dense']:,}",
         f"{rec['params']['pruned']:,}",
-        f"{ratio:.3f}",
+        f"{rec['target_ratio']:.3f}",
         f"{rec['achieved_ratio']:.3f}",
         f"{sum(result.timings.values()):.1f}",
     )
@@ -164,6 +169,68 @@ def importance(
     options = _config_options(locals())
     report = api.score_importance(model, ratio, output=output, device_map=device_map, **options)
     out.print(f"scores of {len(report['scores'])} groups written to {output}")
+
+
+@app.command()
+@user_errors
+def search(
+    model: ModelArg,
+    ratio: Ratio,
+    output: Annotated[Path, typer.Option(help="Run directory: study.db, best.json, trials.csv.")],
+    trials: Annotated[int, typer.Option(help="Total number of trials (a rerun continues up to this).")] = 20,
+    space: Annotated[str, typer.Option(help="joint, data (metric fixed) or metric (data fixed).")] = "joint",
+    sampler: Annotated[str, typer.Option(help="tpe or random.")] = "tpe",
+    sources: Annotated[str, typer.Option(help="Calibration sources the search may mix.")] = "books,wiki,news,squad",
+    metrics: Annotated[str, typer.Option(help="Metrics the search may pick.")] = (
+        "element1,element2,vector,second,wanda_sp,flap,l2,mix"
+    ),
+    pool_per_source: Annotated[int, typer.Option(help="Pool samples per source.")] = 20,
+    pool_seq_len: Annotated[int, typer.Option(help="Tokens per pool sample.")] = 64,
+    objective_source: Annotated[str, typer.Option(help="Validation text for the objective.")] = "wiki",
+    objective_tokens: Annotated[int, typer.Option(help="Validation tokens per trial.")] = 4096,
+    layers: Layers = None,
+    head_mode: HeadMode = "auto",
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: sqlite in the run dir).")] = None,
+    study: Annotated[str, typer.Option(help="Study name inside the storage.")] = "adapruner",
+    seed: Seed = 0,
+    dtype: Dtype = "float32",
+) -> None:
+    """Search calibration data x importance metric x allocation with TPE; rerun to continue."""
+    from .search import SearchSpace
+    from .search import search as run_search
+
+    result = run_search(
+        model,
+        ratio,
+        trials=trials,
+        output=output,
+        sampler=sampler,
+        seed=seed,
+        storage=storage,
+        study_name=study,
+        layers=layers,
+        head_mode=head_mode,
+        pool_per_source=pool_per_source,
+        pool_seq_len=pool_seq_len,
+        objective_source=objective_source,
+        objective_tokens=objective_tokens,
+        dtype=dtype,
+        space=SearchSpace(sources=_split(sources), metrics=_split(metrics), space=space),
+    )
+    best, baseline = result["best"], result["baseline"]
+    table = Table(title=f"search {model} at ratio {ratio}: {result['trials']} trials -> {output}")
+    for col in ("", "validation ppl", "configuration"):
+        table.add_column(col)
+    table.add_row("LLM-Pruner recipe (trial 0)", f"{baseline['value']:.2f}", "element1, sum, 10 books samples")
+    cfg = best["config"]
+    table.add_row(
+        f"best (trial {best['trial']})",
+        f"{best['value']:.2f}",
+        f"{cfg['metric']}, {cfg['aggregation']}, {cfg['num_samples']} from {'+'.join(cfg['sources'])}, "
+        f"attention x{cfg['attention_scale']:.2f}{', global' if cfg['global_ranking'] else ''}",
+    )
+    out.print(table)
+    out.print(f"prune with it: adapruner prune {model} --from-run {output} --output DIR")
 
 
 @app.command()

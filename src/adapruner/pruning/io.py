@@ -86,7 +86,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def write_csv_atomic(path: Path, rows: list[dict]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [])
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(path, buffer.getvalue())

@@ -1,0 +1,88 @@
+"""The TPE search on a tiny model: baseline first, best never worse, resumable, refuses other settings."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from adapruner import AdaPrunerError
+from adapruner.search import SearchSpace, search
+
+
+def run_search(root, trials: int, ratio: float = 0.15, **kwargs):
+    corpus = str(root / "corpus.txt")
+    space = SearchSpace(
+        sources=[corpus],
+        num_samples=[4, 10],
+        metrics=["element1", "vector", "wanda_sp", "l2"],
+        space=kwargs.pop("space", "joint"),
+    )
+    return search(
+        str(root / "tiny"),
+        ratio,
+        trials=trials,
+        output=root / "run",
+        space=space,
+        layers="1:3",
+        pool_per_source=10,
+        pool_seq_len=16,
+        objective_source=corpus,
+        objective_tokens=512,
+        objective_seq_len=16,
+        **kwargs,
+    )
+
+
+def test_search_starts_from_the_baseline_and_resumes(tiny_model_dir):
+    root = tiny_model_dir
+    result = run_search(root, trials=4)
+    rows = list(csv.DictReader((root / "run" / "trials.csv").open()))
+    assert [r["number"] for r in rows] == ["0", "1", "2", "3"]
+    assert rows[0]["metric"] == "element1" and rows[0]["aggregation"] == "sum"
+    best = json.loads((root / "run" / "best.json").read_text())
+    assert best["best"]["value"] <= best["baseline"]["value"] == float(rows[0]["value"])
+    assert result["best"]["config"]["metric"] in {"element1", "vector", "wanda_sp", "l2"}
+    # rerunning the same command continues the study: 2 more trials, none repeated or lost
+    run_search(root, trials=6)
+    rows = list(csv.DictReader((root / "run" / "trials.csv").open()))
+    assert [r["number"] for r in rows] == [str(i) for i in range(6)]
+    assert all(r["state"] in {"COMPLETE", "PRUNED"} for r in rows)
+
+
+def test_study_of_another_ratio_is_refused(tiny_model_dir):
+    root = tiny_model_dir
+    run_search(root, trials=1)
+    with pytest.raises(AdaPrunerError, match="made for another setting"):
+        run_search(root, trials=2, ratio=0.1)
+
+
+def test_random_sampler_and_data_only_space(tiny_model_dir):
+    root = tiny_model_dir
+    result = run_search(root, trials=3, sampler="random", space="data")
+    assert result["best"]["config"]["metric"] == "element1"  # metric subspace fixed at LLM-Pruner's choice
+    with pytest.raises(AdaPrunerError, match="unknown --sampler"):
+        run_search(root, trials=3, sampler="grid")
+
+
+def test_prune_from_run_reproduces_the_best_trial(tiny_model_dir):
+    """The physically pruned model from --from-run scores the best trial's objective exactly."""
+    from adapruner import prune
+    from adapruner.data import token_stream
+    from adapruner.evaluation import perplexity
+
+    root = tiny_model_dir
+    result = run_search(root, trials=3)
+    pruned = prune(str(root / "tiny"), from_run=root / "run", output=root / "pruned")
+    assert pruned.record["search"]["subset"] == result["best"]["subset"]
+    assert pruned.record["config"]["metric"] == result["best"]["config"]["metric"]
+    tokens = token_stream(pruned.tokenizer, str(root / "corpus.txt"), "validation", 512)
+    assert perplexity(pruned.model, tokens, 16, progress=False) == pytest.approx(result["best"]["value"], rel=1e-4)
+
+
+def test_from_run_without_a_search(tiny_model_dir):
+    from adapruner import prune
+
+    with pytest.raises(AdaPrunerError, match=r"best\.json is missing"):
+        prune(str(tiny_model_dir / "tiny"), from_run=tiny_model_dir)
