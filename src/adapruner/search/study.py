@@ -141,6 +141,7 @@ def search(
     """Run (or continue) the search; returns the best trial's configuration and objective."""
     space = space or SearchSpace()
     Budget(ratio)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar shows best and baseline
     run_dir = Path(output)
     run_dir.mkdir(parents=True, exist_ok=True)
     hf_model, tokenizer = load_model(model, dtype)
@@ -172,10 +173,10 @@ def search(
     with tqdm(total=trials, initial=min(done, trials), desc="search") as bar:
 
         def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            bar.update(1)
             baseline = study.trials[0].value if study.trials and study.trials[0].value else float("nan")
             best = study.best_value if any(t.value is not None for t in study.trials) else float("nan")
-            bar.set_postfix(best=f"{best:.2f}", baseline=f"{baseline:.2f}")
+            bar.set_postfix(best=f"{best:.2f}", baseline=f"{baseline:.2f}", refresh=False)
+            bar.update(1)
 
         if trials > done:
             study.optimize(objective, n_trials=trials - done, callbacks=[progress])
