@@ -19,17 +19,18 @@ import optuna
 import torch
 from tqdm.auto import tqdm
 
+from ..api import PruneConfig, plan_for_scores
 from ..data import token_stream
 from ..data.pool import build_pool
 from ..errors import AdaPrunerError
 from ..evaluation import perplexity
-from ..importance import get_metric, score_groups
+from ..importance import score_groups
 from ..importance.cache import StatisticsCache, model_fingerprint
 from ..models import get_adapter, layer_groups
 from ..models.loading import load_model
-from ..pruning import Budget, masked, plan_from_scores, solve_keep_counts
+from ..pruning import Budget, masked
 from ..pruning.io import write_csv_atomic, write_json_atomic
-from ..pruning.plan import count_params, parse_layer_range
+from ..pruning.plan import parse_layer_range
 from .space import SearchSpace, TrialConfig, baseline_params, suggest
 
 SAMPLERS = ("tpe", "random")
@@ -66,19 +67,31 @@ class Objective:
         self.ratio, self.layers, self.head_mode = ratio, layers, head_mode
         self.pool, self.cache, self.space = pool, cache, space
         self.valid_tokens, self.seq_len = valid_tokens, seq_len
-        self.dense_params = count_params(model)
         self.groups = layer_groups(self.adapter, list(range(*layers)), head_mode)
 
     def plan_for(self, config: TrialConfig):
-        metric = get_metric(config.metric, seed=config.subset_seed, mix=config.mix)
+        """The plan a trial's configuration gives, built exactly as ``adapruner prune`` builds it."""
+        cfg = PruneConfig(
+            model="",
+            ratio=self.ratio,
+            metric=config.metric,
+            aggregation=config.aggregation,
+            mix=config.mix,
+            attention_scale=config.attention_scale,
+            global_ranking=config.global_ranking,
+            head_mode=self.head_mode,
+            seed=config.subset_seed,
+        )
+        metric = cfg.build_metric()
         subset = self.pool.select(
             config.num_samples, sources=list(config.sources), window=config.window, seed=config.subset_seed
         )
-        stats = self.cache.statistics_for(subset, metric)
-        scores = score_groups(self.model, self.groups, metric, stats, config.aggregation)
+        scores = score_groups(
+            self.model, self.groups, metric, self.cache.statistics_for(subset, metric), config.aggregation
+        )
         budget = Budget(self.ratio, self.layers, config.attention_scale, 1, self.head_mode)
-        keep = solve_keep_counts(self.adapter, budget, self.dense_params)
-        return plan_from_scores(self.adapter, scores, keep, self.head_mode, config.global_ranking), subset
+        plan, _ = plan_for_scores(self.model, scores, budget, cfg)
+        return plan, subset
 
     def __call__(self, trial: optuna.Trial) -> float:
         config = suggest(trial, self.space)
