@@ -44,6 +44,9 @@ def test_search_starts_from_the_baseline_and_resumes(tiny_model_dir):
     best = json.loads((root / "run" / "best.json").read_text())
     assert best["best"]["value"] <= best["baseline"]["value"] == float(rows[0]["value"])
     assert result["best"]["config"]["metric"] in {"element1", "vector", "wanda_sp", "l2"}
+    for name in ("history.png", "history.html", "kept.png", "report.md"):
+        assert (root / "run" / name).stat().st_size > 0
+    assert f"{best['baseline']['value']:.2f}" in (root / "run" / "report.md").read_text()
     # rerunning the same command continues the study: 2 more trials, none repeated or lost
     run_search(root, trials=6)
     rows = list(csv.DictReader((root / "run" / "trials.csv").open()))

@@ -31,6 +31,7 @@ from ..models.loading import load_model
 from ..pruning import Budget, masked
 from ..pruning.io import write_csv_atomic, write_json_atomic
 from ..pruning.plan import parse_layer_range
+from .report import write_report
 from .space import SearchSpace, TrialConfig, baseline_params, suggest
 
 SAMPLERS = ("tpe", "random")
@@ -244,4 +245,5 @@ def _write_outputs(
     write_json_atomic(run_dir / "best.json", result)
     rows = [{"number": t.number, "state": t.state.name, "value": t.value, **t.params} for t in study.trials]
     write_csv_atomic(run_dir / "trials.csv", rows)
+    write_report(study, result, run_dir)
     return result
