@@ -283,6 +283,7 @@ def test_bfloat16_pruning_keeps_the_dtype(tiny_model_dir):
 def test_search_then_prune_from_run(tiny_model_dir):
     root = tiny_model_dir
     corpus = str(root / "corpus.txt")
+    (root / "space.yaml").write_text("metrics: [element1, l2]\nnum_samples: [4, 10]\n")
     result = run(
         "search",
         root / "tiny",
@@ -290,6 +291,8 @@ def test_search_then_prune_from_run(tiny_model_dir):
         "0.15",
         "--trials",
         "3",
+        "--config",
+        root / "space.yaml",
         "--sources",
         corpus,
         "--metrics",
@@ -309,6 +312,8 @@ def test_search_then_prune_from_run(tiny_model_dir):
     )
     assert result.exit_code == 0, result.output
     assert {"study.db", "best.json", "trials.csv"} <= {p.name for p in (root / "run").iterdir()}
+    space = json.loads((root / "run" / "best.json").read_text())["space"]
+    assert space["metrics"] == ["element1", "wanda_sp"] and space["num_samples"] == [4, 10]  # flag beats file
     result = run("prune", root / "tiny", "--from-run", root / "run", "--output", root / "pruned")
     assert result.exit_code == 0, result.output
     assert json.loads((root / "pruned" / "adapruner.json").read_text())["search"]["run"] == str(root / "run")

@@ -89,3 +89,21 @@ def test_from_run_without_a_search(tiny_model_dir):
 
     with pytest.raises(AdaPrunerError, match=r"best\.json is missing"):
         prune(str(tiny_model_dir / "tiny"), from_run=tiny_model_dir)
+
+
+def test_space_from_yaml_with_flag_overrides(tmp_path):
+    from adapruner.search import load_space
+
+    path = tmp_path / "space.yaml"
+    path.write_text("sources: [books, wiki]\nnum_samples: [10, 20]\nattention_scale: [0.0, 0.5]\nspace: data\n")
+    space = load_space(path, space="metric", metrics=None)
+    assert space.sources == ["books", "wiki"] and space.num_samples == [10, 20]
+    assert space.attention_scale == (0.0, 0.5) and space.space == "metric"
+    path.write_text("sourcez: [books]\n")
+    with pytest.raises(AdaPrunerError, match="unknown key"):
+        load_space(path)
+    path.write_text("num_samples: [5, 20]\n")
+    with pytest.raises(AdaPrunerError, match="must include 10"):
+        load_space(path)
+    with pytest.raises(AdaPrunerError, match="does not exist"):
+        load_space(tmp_path / "missing.yaml")

@@ -178,12 +178,13 @@ def search(
     ratio: Ratio,
     output: Annotated[Path, typer.Option(help="Run directory: study.db, best.json, trials.csv.")],
     trials: Annotated[int, typer.Option(help="Total number of trials (a rerun continues up to this).")] = 20,
-    space: Annotated[str, typer.Option(help="joint, data (metric fixed) or metric (data fixed).")] = "joint",
+    space: Annotated[
+        str | None, typer.Option(help="joint (default), data (metric fixed) or metric (data fixed).")
+    ] = None,
     sampler: Annotated[str, typer.Option(help="tpe or random.")] = "tpe",
-    sources: Annotated[str, typer.Option(help="Calibration sources the search may mix.")] = "books,wiki,news,squad",
-    metrics: Annotated[str, typer.Option(help="Metrics the search may pick.")] = (
-        "element1,element2,vector,second,wanda_sp,flap,l2,mix"
-    ),
+    sources: Annotated[str | None, typer.Option(help="Calibration sources the search may mix.")] = None,
+    metrics: Annotated[str | None, typer.Option(help="Metrics the search may pick.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file with SearchSpace fields; flags override it.")] = None,
     pool_per_source: Annotated[int, typer.Option(help="Pool samples per source.")] = 20,
     pool_seq_len: Annotated[int, typer.Option(help="Tokens per pool sample.")] = 64,
     objective_source: Annotated[str, typer.Option(help="Validation text for the objective.")] = "wiki",
@@ -196,8 +197,19 @@ def search(
     dtype: Dtype = "float32",
 ) -> None:
     """Search calibration data x importance metric x allocation with TPE; rerun to continue."""
-    from .search import SearchSpace
+    from .search import SearchSpace, load_space
     from .search import search as run_search
+
+    overrides = {
+        "space": space,
+        "sources": _split(sources) if sources else None,
+        "metrics": _split(metrics) if metrics else None,
+    }
+    search_space = (
+        load_space(config, **overrides)
+        if config
+        else SearchSpace(**{k: v for k, v in overrides.items() if v is not None})
+    )
 
     result = run_search(
         model,
@@ -215,7 +227,7 @@ def search(
         objective_source=objective_source,
         objective_tokens=objective_tokens,
         dtype=dtype,
-        space=SearchSpace(sources=_split(sources), metrics=_split(metrics), space=space),
+        space=search_space,
     )
     best, baseline = result["best"], result["baseline"]
     table = Table(title=f"search {model} at ratio {ratio}: {result['trials']} trials -> {output}")

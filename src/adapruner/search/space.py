@@ -7,10 +7,12 @@ allocation (attention share, global ranking) belongs to the metric subspace.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 
 from ..errors import AdaPrunerError
 
@@ -61,6 +63,24 @@ class SearchSpace:
                 f"the sample counts {self.num_samples} must include {BASELINE.num_samples}, "
                 "LLM-Pruner's choice (trial 0)"
             )
+
+
+def load_space(path: str | Path, **overrides: Any) -> SearchSpace:
+    """A SearchSpace from a YAML file whose keys are SearchSpace fields; ``overrides`` (CLI flags) win."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdaPrunerError(f"search space file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise AdaPrunerError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    known = {f.name for f in fields(SearchSpace)}
+    unknown = sorted(set(data) - known) if isinstance(data, dict) else ["(not a mapping)"]
+    if unknown:
+        raise AdaPrunerError(f"{path}: unknown key(s) {unknown}; known: {', '.join(sorted(known))}")
+    if "attention_scale" in data:
+        data["attention_scale"] = tuple(data["attention_scale"])
+    return SearchSpace(**(data | {k: v for k, v in overrides.items() if v is not None}))
 
 
 BASELINE = TrialConfig(
