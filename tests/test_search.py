@@ -107,3 +107,25 @@ def test_space_from_yaml_with_flag_overrides(tmp_path):
         load_space(path)
     with pytest.raises(AdaPrunerError, match="does not exist"):
         load_space(tmp_path / "missing.yaml")
+
+
+def test_trial_left_running_by_a_killed_process_is_retried_not_counted_twice(tiny_model_dir):
+    """A trial left RUNNING (the process died mid-trial) is failed and its parameters are run again."""
+    import optuna
+
+    root = tiny_model_dir
+    run_search(root, trials=2)
+    study = optuna.load_study(study_name="adapruner", storage=f"sqlite:///{root / 'run' / 'study.db'}")
+    orphan = study.ask(
+        {"metric": optuna.distributions.CategoricalDistribution(["element1", "vector", "wanda_sp", "l2"])}
+    )
+    assert orphan.params == {"metric": orphan.params["metric"]}  # RUNNING, never told: as after kill -9
+    run_search(root, trials=3)
+    trials = optuna.load_study(study_name="adapruner", storage=f"sqlite:///{root / 'run' / 'study.db'}").trials
+    states = [t.state.name for t in trials]
+    assert states[orphan.number] == "FAIL" and "RUNNING" not in states
+    finished = [t for t in trials if t.state.name in {"COMPLETE", "PRUNED"}]
+    assert len(finished) == 3  # two before, one after: the orphan is not counted
+    assert finished[-1].params["metric"] == orphan.params["metric"]  # its parameters were run again
+    rows = list(csv.DictReader((root / "run" / "trials.csv").open()))
+    assert len({r["number"] for r in rows}) == len(rows)

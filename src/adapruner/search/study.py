@@ -54,7 +54,6 @@ class Objective:
     def __init__(
         self,
         model,
-        tokenizer,
         ratio: float,
         layers: tuple[int, int],
         head_mode: str,
@@ -126,7 +125,11 @@ def _open_study(storage: str, name: str, sampler, identity: dict[str, str]) -> o
 
 
 def _retry_interrupted(study: optuna.Study) -> None:
-    """Trials left RUNNING by a killed process are failed and their parameters queued again."""
+    """Trials left RUNNING by a killed process are failed and their parameters queued again.
+
+    Only for the run directory's own SQLite study, which one process uses at a time; on a shared
+    storage a RUNNING trial may belong to a live worker.
+    """
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
         study.enqueue_trial(trial.params, skip_if_exists=False)
@@ -166,9 +169,7 @@ def search(
     cache = StatisticsCache(hf_model, pool, modules)
     cache.per_sample()
     valid = token_stream(tokenizer, objective_source, "validation", objective_tokens)
-    objective = Objective(
-        hf_model, tokenizer, ratio, layer_range, head_mode, pool, cache, space, valid, objective_seq_len
-    )
+    objective = Objective(hf_model, ratio, layer_range, head_mode, pool, cache, space, valid, objective_seq_len)
     identity = {
         "model": model_fingerprint(hf_model),
         "ratio": str(ratio),
@@ -179,10 +180,12 @@ def search(
     study = _open_study(
         storage or f"sqlite:///{(run_dir / 'study.db').resolve()}", study_name, _sampler(sampler, seed), identity
     )
-    _retry_interrupted(study)
+    if storage is None:
+        _retry_interrupted(study)
     if not study.trials:
         study.enqueue_trial(baseline_params(space))
-    done = sum(t.state.is_finished() for t in study.trials)
+    counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # failed trials are retried
+    done = sum(t.state in counted for t in study.trials)
     started = time.perf_counter()
     with tqdm(total=trials, initial=min(done, trials), desc="search") as bar:
 
