@@ -64,7 +64,7 @@ def run_variant(args: argparse.Namespace) -> dict:
 
         adapter = get_adapter(model)
         layers = range(*default_layer_range(adapter.num_layers))
-        modules = [n for i in layers for n in adapter.prunable_module_names(i).values()]
+        modules = adapter.projection_names(layers)
         stats = collect_statistics(
             model, samples, modules, {"grad"}, batch_size=args.samples, checkpointing=args.checkpointing
         )

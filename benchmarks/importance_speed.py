@@ -40,7 +40,7 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     adapter = get_adapter(model)
     layers = list(range(*default_layer_range(adapter.num_layers)))
-    modules = [n for i in layers for n in adapter.prunable_module_names(i).values()]
+    modules = adapter.projection_names(layers)
     groups = layer_groups(adapter, layers)
     pool = build_pool(tokenizer, args.sources, args.per_source, args.seq_len)
     with tempfile.TemporaryDirectory() as tmp:

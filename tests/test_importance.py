@@ -93,7 +93,7 @@ REFERENCES = {
 
 def _stats_for(model, metric, samples=SAMPLES, **kwargs):
     adapter = get_adapter(model)
-    modules = [n for i in range(4) for n in adapter.prunable_module_names(i).values()]
+    modules = adapter.projection_names(range(4))
     return collect_statistics(model, samples, modules, get_metric(metric, mix={"l2": 1}).needs, **kwargs)
 
 
@@ -159,7 +159,7 @@ def test_cached_subset_scores_equal_scores_from_scratch(metric):
     model = make_tiny("llama-gqa")
     adapter = get_adapter(model)
     groups = [g for i in (1, 2) for g in (attention_group(adapter, i, "query"), mlp_group(adapter, i))]
-    modules = [n for i in range(4) for n in adapter.prunable_module_names(i).values()]
+    modules = adapter.projection_names(range(4))
     pool = collect_statistics(model, SAMPLES, modules, {"unit_sums", "activations"})
     subset = [0, 2, 3]
     cached = score_groups(model, groups, get_metric(metric), pool.select(subset))

@@ -23,7 +23,7 @@ def tiny_pool(n_per_source: int = 4, seq_len: int = 12) -> CalibrationPool:
 def setup(name: str = "llama-gqa"):
     model = make_tiny(name)
     adapter = get_adapter(model)
-    modules = [n for i in (1, 2) for n in adapter.prunable_module_names(i).values()]
+    modules = adapter.projection_names((1, 2))
     groups = [g for i in (1, 2) for g in (attention_group(adapter, i, "query"), mlp_group(adapter, i))]
     return model, modules, groups
 

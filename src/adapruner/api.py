@@ -102,7 +102,7 @@ def _statistics(
 
     if samples is None:
         samples = sample_mixture(tokenizer, cfg.calibration, cfg.num_samples, cfg.seq_len, seed=cfg.seed)
-    names = [n for i in layers for n in adapter.prunable_module_names(i).values()]
+    names = adapter.projection_names(layers)
     return collect_statistics(
         model,
         samples,
@@ -294,11 +294,7 @@ def build_calibration_pool(
     hf_model, tokenizer = load_model(model, dtype)
     adapter = get_adapter(hf_model)
     pool = build_pool(tokenizer, calibration, per_source, seq_len, seed)
-    names = [
-        n
-        for i in range(*parse_layer_range(layers, adapter.num_layers))
-        for n in adapter.prunable_module_names(i).values()
-    ]
+    names = adapter.projection_names(range(*parse_layer_range(layers, adapter.num_layers)))
     StatisticsCache(hf_model, pool, names).per_sample()
     if output is not None:
         write_csv_atomic(Path(output), pool.describe())

@@ -6,6 +6,7 @@ that belong to each prunable structure. Nothing outside ``models/`` knows a mode
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
@@ -114,6 +115,10 @@ class ModelAdapter:
         attn = {r: f"{prefix}.self_attn.{r}" for r in ("q_proj", "k_proj", "v_proj", "o_proj")}
         mlp = {r: f"{prefix}.mlp.{r}" for r in ("gate_proj", "up_proj", "down_proj")}
         return attn | mlp
+
+    def projection_names(self, layers: Iterable[int]) -> list[str]:
+        """Full names of every prunable projection of ``layers`` (what statistics are gathered for)."""
+        return [name for i in layers for name in self.prunable_module_names(i).values()]
 
 
 class LlamaAdapter(ModelAdapter):

@@ -165,7 +165,7 @@ def search(
     adapter = get_adapter(hf_model)
     layer_range = parse_layer_range(layers, adapter.num_layers)
     pool = build_pool(tokenizer, space.sources, pool_per_source, pool_seq_len, seed)
-    modules = [n for i in range(*layer_range) for n in adapter.prunable_module_names(i).values()]
+    modules = adapter.projection_names(range(*layer_range))
     cache = StatisticsCache(hf_model, pool, modules)
     cache.per_sample()
     valid = token_stream(tokenizer, objective_source, "validation", objective_tokens)
