@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install assets test demo bench lint clean
+.PHONY: install assets postgres test demo bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,20 +20,32 @@ assets: install
 	$(VENV)/bin/adapruner assets fetch smollm2-135m data
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks scripts
-	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
-test: assets lint
+# PostgreSQL server binaries for tests/test_search_postgres.py (the test runs its own throwaway server).
+postgres:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "postgres: server binaries found"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; \
+	else \
+		echo "postgres: no PostgreSQL server found and not root: install it (Debian/Ubuntu:" \
+			"sudo apt-get install postgresql) or the PostgreSQL test fails; ADAPRUNER_SKIP_POSTGRES=1 skips it"; \
+	fi
+
+test: assets lint postgres
 	$(PY) -m pytest -q
 
 demo: assets
-	$(PY) scripts/demo.py
+	$(VENV)/bin/adapruner run --config configs/demo.yaml --output runs/demo
 
 bench: assets
 	$(PY) benchmarks/importance_memory.py
 	$(PY) benchmarks/importance_memory.py --no-checkpointing
 	$(PY) benchmarks/importance_speed.py
 	$(PY) benchmarks/speedup.py
+	$(PY) benchmarks/compare_methods.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

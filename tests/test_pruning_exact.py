@@ -128,3 +128,39 @@ def test_global_ranking_moves_cuts_to_low_scoring_layers(head_mode):
     tokens = torch.randint(0, 97, (2, 12))
     with masked(adapter, ranked):
         torch.testing.assert_close(pruned(tokens).logits, model(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_depth_profile_is_smooth_positive_and_mean_one():
+    from adapruner.pruning.plan import depth_profile
+
+    flat = depth_profile(6)
+    assert flat == pytest.approx([1.0] * 6)
+    rising = depth_profile(6, slope=1.0)
+    assert sum(rising) / 6 == pytest.approx(1.0) and all(w > 0 for w in rising)
+    assert rising == sorted(rising) and rising[-1] / rising[0] == pytest.approx(torch.e**2, rel=1e-6)
+    bowl = depth_profile(5, bend=1.0)
+    assert bowl[0] == pytest.approx(bowl[-1]) and min(bowl) == bowl[2]
+    assert depth_profile(1, slope=3.0) == [1.0]
+
+
+@pytest.mark.parametrize("slope", [1.5, -1.5])
+def test_depth_slope_moves_the_cut_along_depth_and_keeps_the_ratio(slope):
+    from conftest import make_tiny
+
+    model = make_tiny("llama-mha", layers=6)
+    adapter = get_adapter(model)
+    total = count_params(model)
+    uniform = solve_keep_counts(adapter, Budget(0.2, (0, 6)), total)
+    tilted = solve_keep_counts(adapter, Budget(0.2, (0, 6), depth_slope=slope), total)
+    assert abs(tilted.achieved_ratio - 0.2) < 0.015 and abs(uniform.achieved_ratio - 0.2) < 0.015
+    channels = [c[1] for c in tilted.counts]
+    assert channels == sorted(channels, reverse=slope > 0)  # slope > 0 cuts deeper layers more
+    assert channels[0] != channels[-1]
+    assert len({c[1] for c in uniform.counts}) == 1
+
+
+def test_depth_parameters_out_of_range_are_refused():
+    from adapruner import AdaPrunerError
+
+    with pytest.raises(AdaPrunerError, match="depth-slope"):
+        Budget(0.2, depth_slope=9.0)

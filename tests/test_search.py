@@ -27,7 +27,6 @@ def run_search(root, trials: int, ratio: float = 0.15, **kwargs):
         space=space,
         layers="1:3",
         pool_per_source=10,
-        pool_seq_len=16,
         objective_source=corpus,
         objective_tokens=512,
         objective_seq_len=16,
@@ -129,3 +128,95 @@ def test_trial_left_running_by_a_killed_process_is_retried_not_counted_twice(tin
     assert finished[-1].params["metric"] == orphan.params["metric"]  # its parameters were run again
     rows = list(csv.DictReader((root / "run" / "trials.csv").open()))
     assert len({r["number"] for r in rows}) == len(rows)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("depth_slope: [1.0, -1.0]\n", "low <= high"),
+        ("metrics: []\n", "'metrics' is empty"),
+        ("metrics: [element1, taylor9]\n", "unknown metric"),
+        ("seq_lens: [32]\n", "must include 64"),
+        ("attention_scale: [-1, 1]\n", "attention_scale must be >= 0"),
+    ],
+)
+def test_bad_space_files_are_refused(tmp_path, text, message):
+    from adapruner.search import load_space
+
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(AdaPrunerError, match=message):
+        load_space(path)
+
+
+def test_bad_search_arguments_fail_before_any_work(tiny_model_dir):
+    with pytest.raises(AdaPrunerError, match="at least 1"):
+        run_search(tiny_model_dir, trials=0)
+    with pytest.raises(AdaPrunerError, match="unknown --pruner"):
+        run_search(tiny_model_dir, trials=1, pruner="hyperband9")
+    with pytest.raises(AdaPrunerError, match="the objective needs at least 4"):
+        search(
+            str(tiny_model_dir / "tiny"),
+            0.15,
+            trials=1,
+            output=tiny_model_dir / "run2",
+            space=SearchSpace(sources=[str(tiny_model_dir / "corpus.txt")]),
+            layers="1:3",
+            pool_per_source=10,
+            objective_source=str(tiny_model_dir / "corpus.txt"),
+            objective_tokens=40,
+            objective_seq_len=16,
+        )
+
+
+def _tiny_objective(root):
+    from adapruner.data import token_stream
+    from adapruner.data.pool import build_pool
+    from adapruner.importance.cache import StatisticsCache
+    from adapruner.models import get_adapter
+    from adapruner.models.loading import load_model
+    from adapruner.search.study import Objective
+
+    corpus = str(root / "corpus.txt")
+    model, tokenizer = load_model(str(root / "tiny"))
+    pool = build_pool(tokenizer, [corpus], 12, 64)
+    cache = StatisticsCache(model, pool, get_adapter(model).projection_names(range(1, 3)), directory=root / "stats")
+    valid = token_stream(tokenizer, corpus, "validation", 512)
+    space = SearchSpace(sources=[corpus], num_samples=[4, 10])
+    return Objective(model, 0.2, (1, 3), "auto", pool, cache, space, valid, 16), valid
+
+
+def test_objective_reports_partial_perplexity_and_equals_the_full_pass(tiny_model_dir):
+    """The chunked objective is exactly the perplexity of the masked model; a pruner can stop it early."""
+    import optuna
+
+    from adapruner.evaluation import perplexity
+    from adapruner.models import get_adapter
+    from adapruner.pruning import masked
+    from adapruner.search.space import baseline_params
+
+    objective, valid = _tiny_objective(tiny_model_dir)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    params = baseline_params(objective.space) | {"seq_len": 32, "depth_slope": 1.0, "attention_metric": "l2"}
+    study.enqueue_trial(params)
+    study.optimize(objective, n_trials=1)
+    trial = study.trials[0]
+    assert sorted(trial.intermediate_values) == [0, 1, 2]
+    plan, _ = objective.plan_for(_config_of(trial))
+    with masked(get_adapter(objective.model), plan):
+        expected = perplexity(objective.model, valid, 16, progress=False)
+    assert trial.value == pytest.approx(expected, rel=1e-6)
+    assert trial.user_attrs["config"]["seq_len"] == 32 and 32 in objective.caches
+
+    hopeless = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=1.0))  # any ppl is > 1
+    hopeless.enqueue_trial(params)
+    hopeless.optimize(objective, n_trials=1)
+    assert hopeless.trials[0].state.name == "PRUNED" and list(hopeless.trials[0].intermediate_values) == [0]
+
+
+def _config_of(trial):
+    from adapruner.search.space import TrialConfig
+
+    config = dict(trial.user_attrs["config"])
+    config["sources"] = tuple(config["sources"])
+    return TrialConfig(**config)

@@ -8,24 +8,33 @@ from .api import (
     PruneConfig,
     PruneResult,
     build_calibration_pool,
+    compare,
     evaluate,
+    finetune,
     info,
     load_pruned,
     prune,
     score_importance,
 )
 from .errors import AdaPrunerError, OfflineError
+from .pipeline import RunConfig, run
+from .search.study import search  # the function shadows the subpackage name: adapruner.search(...)
 
 __all__ = [
     "AdaPrunerError",
     "OfflineError",
     "PruneConfig",
     "PruneResult",
+    "RunConfig",
     "__version__",
     "build_calibration_pool",
+    "compare",
     "evaluate",
+    "finetune",
     "info",
     "load_pruned",
     "prune",
+    "run",
     "score_importance",
+    "search",
 ]

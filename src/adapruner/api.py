@@ -19,12 +19,15 @@ from .data.pool import CalibrationPool, build_pool
 from .errors import AdaPrunerError
 from .importance import AGGREGATIONS, Importance, Statistics, collect_statistics, get_metric, score_groups
 from .importance.cache import StatisticsCache
+from .importance.metrics import PerKind
+from .methods import get_method, with_method
 from .models.base import ModelAdapter, get_adapter
 from .models.groups import HEAD_MODES, layer_groups
 from .models.loading import load_causal_lm, load_model
 from .pruning.apply import prune_physically
 from .pruning.io import check_output_dir, read_record, save_pruned, write_csv_atomic, write_json_atomic
 from .pruning.plan import (
+    RANKINGS,
     Budget,
     PrunePlan,
     Scores,
@@ -59,13 +62,48 @@ class PruneConfig:
     offload: bool = False
     batch_size: int | None = None  # samples per statistics step; None: all at once, as LLM-Pruner does
     gradient_checkpointing: bool = True  # same statistics, ~0.5x peak memory, a little slower
+    attention_metric: str | None = None  # None: ``metric`` scores attention heads too
+    depth_slope: float = 0.0  # per-layer rate profile (see Budget); 0, 0 = uniform
+    depth_bend: float = 0.0
+    method: str | None = None  # the preset (adapruner.methods) the other fields started from
+    ranking: str | None = None  # layer | global | global-all (FLAP's AL-AM); None: from global_ranking
+    compensate: bool = False  # FLAP's bias compensation of removed o_proj/down_proj inputs
+
+    @classmethod
+    def from_method(cls, model: str, ratio: float, method: str | None = None, **options: Any) -> PruneConfig:
+        """The preset of ``method`` (see :mod:`adapruner.methods`), overridden by ``options``."""
+        return cls(model=model, ratio=ratio, **with_method({"method": method} | options))
+
+    @property
+    def ranking_mode(self) -> str:
+        return self.ranking or ("global" if self.global_ranking else "layer")
 
     def build_metric(self) -> Importance:
-        return get_metric(self.metric, seed=self.seed, mix=self.mix)
+        mlp = get_metric(self.metric, seed=self.seed, mix=self.mix)
+        if self.attention_metric in (None, self.metric):
+            return mlp
+        return PerKind(get_metric(self.attention_metric, seed=self.seed, mix=self.mix), mlp)
+
+    def budget(self, layer_range: tuple[int, int] | None = None) -> Budget:
+        return Budget(
+            self.ratio,
+            layer_range,
+            self.attention_scale,
+            self.round_to,
+            self.head_mode,
+            self.depth_slope,
+            self.depth_bend,
+        )
 
     def validate(self) -> None:
-        Budget(self.ratio, attention_scale=self.attention_scale, round_to=self.round_to)
+        self.budget()
         self.build_metric()
+        if self.method is not None:
+            get_method(self.method)
+        if self.ranking_mode not in RANKINGS:
+            raise AdaPrunerError(f"unknown ranking '{self.ranking}': choose one of {', '.join(RANKINGS)}")
+        if self.global_ranking and self.ranking_mode != "global":
+            raise AdaPrunerError(f"--global-ranking contradicts ranking '{self.ranking}': give only one of them")
         if self.aggregation not in AGGREGATIONS:
             raise AdaPrunerError(f"unknown aggregation '{self.aggregation}': choose one of {', '.join(AGGREGATIONS)}")
         if self.head_mode not in HEAD_MODES:
@@ -95,7 +133,7 @@ def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
 def _statistics(
     model, tokenizer, adapter: ModelAdapter, layers: list[int], cfg: PruneConfig, samples: torch.Tensor | None = None
 ) -> Statistics:
-    needs = cfg.build_metric().needs
+    needs = cfg.build_metric().needs | ({"activations"} if cfg.compensate else frozenset())
     if not needs:
         return Statistics()
     from .data import sample_mixture
@@ -118,29 +156,47 @@ def compute_scores(
     model: torch.nn.Module, tokenizer: Any, cfg: PruneConfig, samples: torch.Tensor | None = None
 ) -> tuple[Scores, Budget]:
     """Importance of every group in the pruned layer range, and the budget they will be cut under."""
+    scores, budget, _ = _scores_and_statistics(model, tokenizer, cfg, samples)
+    return scores, budget
+
+
+def _scores_and_statistics(
+    model: torch.nn.Module, tokenizer: Any, cfg: PruneConfig, samples: torch.Tensor | None = None
+) -> tuple[Scores, Budget, Statistics]:
     adapter = get_adapter(model)
     layer_range = parse_layer_range(cfg.layers, adapter.num_layers)
-    budget = Budget(cfg.ratio, layer_range, cfg.attention_scale, cfg.round_to, cfg.head_mode)
+    budget = cfg.budget(layer_range)
     layers = list(range(*layer_range))
     stats = _statistics(model, tokenizer, adapter, layers, cfg, samples)
     groups = layer_groups(adapter, layers, cfg.head_mode)
-    return score_groups(model, groups, cfg.build_metric(), stats, cfg.aggregation), budget
+    return score_groups(model, groups, cfg.build_metric(), stats, cfg.aggregation), budget, stats
 
 
 def compute_plan(
     model: torch.nn.Module, tokenizer: Any, cfg: PruneConfig, samples: torch.Tensor | None = None
 ) -> tuple[PrunePlan, dict]:
-    """Score the groups of the pruned layers and keep the best units under the budget."""
-    scores, budget = compute_scores(model, tokenizer, cfg, samples)
+    """Score the groups of the pruned layers and keep the best units under the budget.
+
+    With ``cfg.compensate``, ``info["input_means"]`` holds the calibration mean of every o_proj/down_proj
+    input of the pruned layers, for :func:`~adapruner.pruning.apply.prune_physically` and ``masked``.
+    """
+    scores, budget, stats = _scores_and_statistics(model, tokenizer, cfg, samples)
     plan, info = plan_for_scores(model, scores, budget, cfg)
+    if cfg.compensate:
+        adapter = get_adapter(model)
+        names = [n for i in range(*budget.layers) for r, n in adapter.prunable_module_names(i).items() if r in OUTPUTS]
+        info["input_means"] = {name: stats.input_mean(name) for name in names}
     return plan, info
+
+
+OUTPUTS = ("o_proj", "down_proj")  # the projections whose removed inputs bias compensation replaces
 
 
 def plan_for_scores(model: torch.nn.Module, scores: Scores, budget: Budget, cfg: PruneConfig) -> tuple[PrunePlan, dict]:
     adapter = get_adapter(model)
     dense_params = count_params(model)
     keep = solve_keep_counts(adapter, budget, dense_params)
-    plan = plan_from_scores(adapter, scores, keep, cfg.head_mode, cfg.global_ranking, cfg.round_to)
+    plan = plan_from_scores(adapter, scores, keep, cfg.head_mode, round_to=cfg.round_to, ranking=cfg.ranking_mode)
     return plan, {"layers": list(budget.layers), "dense_params": dense_params, "rate": keep.rate}
 
 
@@ -174,7 +230,10 @@ def _options_from_run(run_dir: Path) -> tuple[float, dict[str, Any], dict[str, A
             "seed": config["subset_seed"],
             "calibration": ",".join(config["sources"]),
             "num_samples": config["num_samples"],
-            "seq_len": pool["seq_len"],
+            "seq_len": config.get("seq_len", pool["seq_len"]),
+            "attention_metric": config.get("attention_metric"),
+            "depth_slope": config.get("depth_slope", 0.0),
+            "depth_bend": config.get("depth_bend", 0.0),
         }
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise AdaPrunerError(f"{path} is corrupted ({exc}): run the search again") from None
@@ -193,17 +252,20 @@ def prune(
 ) -> PruneResult:
     """Prune ``model`` (asset name, local dir or hub id) by ``ratio`` of its parameters.
 
-    ``options`` are the fields of :class:`PruneConfig` (metric, calibration, layers, ...). With
+    ``options`` are the fields of :class:`PruneConfig` (metric, calibration, layers, ...); with
+    ``method="flap"`` (or another name of :mod:`adapruner.methods`) they override that baseline's preset. With
     ``from_run`` the configuration (and the exact calibration samples) of a search's best trial are used.
     With ``output`` the pruned model is saved as an HF directory plus ``adapruner.json``.
     """
     searched = None
     if from_run is not None:
+        if options.get("method") is not None:
+            raise AdaPrunerError("--method and --from-run exclude each other: give one of them")
         ratio, run_options, searched = _options_from_run(Path(from_run))
         options = run_options | {k: v for k, v in options.items() if k == "dtype"}
     if ratio is None:
         raise AdaPrunerError("give --ratio (or --from-run RUN_DIR)")
-    cfg = PruneConfig(model=model, ratio=ratio, **options)
+    cfg = PruneConfig.from_method(model, ratio, **options)
     cfg.validate()
     if output is not None:
         check_output_dir(Path(output), overwrite)
@@ -215,11 +277,11 @@ def prune(
     if searched is not None:
         spec = searched["pool"]
         pool = build_pool(tokenizer, spec["sources"], spec["per_source"], spec["seq_len"], spec["seed"])
-        samples = pool.input_ids[searched["subset"]]
+        samples = pool.truncated(cfg.seq_len).input_ids[searched["subset"]]
     with _timed(timings, "score"):
         plan, info = compute_plan(hf_model, tokenizer, cfg, samples)
     with _timed(timings, "prune"):
-        prune_physically(get_adapter(hf_model), plan)
+        prune_physically(get_adapter(hf_model), plan, input_means=info.get("input_means"))
     pruned_params = count_params(hf_model)
     log(f"pruned: {rate_summary(plan, dense_shapes)}")
     record = {
@@ -257,7 +319,7 @@ def score_importance(
     The result is JSON-ready: ``scores["<layer>.<kind>"]`` lists one score per unit (query head, KV group
     or MLP channel, in the model's own order).
     """
-    cfg = PruneConfig(model=model, ratio=ratio, **options)
+    cfg = PruneConfig.from_method(model, ratio, **options)
     cfg.validate()
     hf_model, tokenizer = load_model(model, cfg.dtype, device_map)
     scores, budget = compute_scores(hf_model, tokenizer, cfg)
@@ -317,11 +379,27 @@ def evaluate(
     tokenizer: Any = None,
     output: str | Path | None = None,
     dtype: str = "float32",
+    tasks: str | list[str] | tuple[str, ...] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    task_source: str = "offline",
 ) -> dict:
-    """Perplexity of a model on the test split of each source, at each window length."""
+    """Perplexity on the test split of each source at each window length, and zero-shot accuracy.
+
+    ``tasks`` (e.g. ``["boolq", "piqa"]`` or ``"boolq,piqa"``) are run with lm-evaluation-harness (see
+    :mod:`adapruner.evaluation.zeroshot`) on the first ``limit`` documents of each (None: all), offline
+    from the fetched task data unless ``task_source="hub"``. ``batch_size`` is used for both.
+    """
     from .data import token_stream
     from .evaluation import perplexity
 
+    names = None
+    if tasks:
+        from .evaluation import zeroshot
+
+        names = zeroshot.check_request(tasks, limit, task_source)  # before loading any model
+    elif limit is not None:
+        raise AdaPrunerError("--limit applies to zero-shot tasks: give --tasks too")
     if isinstance(model, str | Path):
         name = str(model)
         model, tokenizer = load_model(name, dtype)
@@ -336,10 +414,51 @@ def evaluate(
             value = perplexity(model, tokens, length, batch_size)
             results["perplexity"][f"{source}@{length}"] = value
             log(f"{name}: {source} perplexity @{length} = {value:.2f}")
-    results["settings"] = {"split": "test", "max_tokens": max_tokens, "versions": _versions()}
+    versions = _versions()
+    if names:
+        zs = zeroshot.zero_shot(
+            model, tokenizer, names, limit=limit, batch_size=batch_size, seed=seed, source=task_source
+        )
+        results["zero_shot"] = zs
+        versions["lm_eval"] = zs["settings"]["lm_eval"]
+        for task, entry in zs["tasks"].items():
+            log(f"{name}: {task} {entry['metric']} = {entry[entry['metric']]:.4f} ({entry['documents']} documents)")
+        log(f"{name}: zero-shot average = {zs['average']:.4f}")
+    results["settings"] = {"split": "test", "max_tokens": max_tokens, "dtype": dtype, "versions": versions}
     if output is not None:
         write_json_atomic(Path(output), results)
     return results
+
+
+def compare(paths: list[str | Path] | tuple[str | Path, ...], *, reference: str | Path | None = None) -> str:
+    """A markdown table of ``evaluate`` result files: one row each, retention against the reference.
+
+    The reference is ``reference`` if given, else the first file (the dense model). See
+    :func:`adapruner.evaluation.compare.compare_table`.
+    """
+    from .evaluation.compare import compare_table
+
+    return compare_table(paths, reference=reference)
+
+
+def finetune(
+    model_dir: str | Path,
+    data: str | Path,
+    output: str | Path,
+    *,
+    overwrite: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    **options: Any,
+):
+    """LoRA recovery of a pruned model (LLM-Pruner's post-training), merged and saved like a pruned model.
+
+    ``options`` are the fields of :class:`adapruner.recovery.FinetuneConfig` (lora_r, lr, max_steps, ...);
+    ``data`` is ``alpaca``, a local Alpaca .json/.jsonl file or a text source. Returns a
+    :class:`adapruner.recovery.FinetuneResult`. Rerunning an interrupted call resumes from its checkpoint.
+    """
+    from .recovery import finetune as run_finetune
+
+    return run_finetune(model_dir, data, output, overwrite=overwrite, checkpoint_dir=checkpoint_dir, **options)
 
 
 def info(directory: str | Path) -> dict:

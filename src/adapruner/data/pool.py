@@ -54,6 +54,16 @@ class CalibrationPool:
             rows.append(row)
         return rows
 
+    def truncated(self, seq_len: int) -> CalibrationPool:
+        """The same samples cut to their first ``seq_len`` tokens (the search's sequence-length choice)."""
+        if not 2 <= seq_len <= self.seq_len:
+            raise AdaPrunerError(f"cannot cut {self.seq_len}-token pool samples to {seq_len} tokens")
+        if seq_len == self.seq_len:
+            return self
+        pool = CalibrationPool(self.input_ids[:, :seq_len].clone(), list(self.sources), seq_len, self.seed)
+        pool.stats["tokens"] = torch.full((len(pool),), float(seq_len))
+        return pool
+
     # -- selection helpers -----------------------------------------------------------------------
     def by_sources(self, mix: dict[str, int], seed: int = 0) -> list[int]:
         """``mix[source]`` random samples of each source."""

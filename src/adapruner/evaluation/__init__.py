@@ -1,4 +1,5 @@
-"""Evaluation: perplexity now; zero-shot tasks through lm-evaluation-harness later."""
+"""Evaluation: perplexity (``perplexity``), zero-shot tasks through lm-evaluation-harness (``zeroshot``),
+and the side-by-side table of result files (``compare``)."""
 
 from .perplexity import perplexity
 

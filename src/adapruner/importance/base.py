@@ -55,6 +55,10 @@ class Statistics:
         """L2 norm of each input feature over all calibration tokens (Wanda-sp's ||X||)."""
         return self._table(self.act_sq, module, "activation statistic").sum(0).sqrt()
 
+    def input_mean(self, module: str) -> torch.Tensor:
+        """Per-feature mean of the input over all calibration tokens (FLAP's bias compensation)."""
+        return self._table(self.act_sum, module, "activation statistic").sum(0) / self.tokens.sum()
+
     def input_variance(self, module: str) -> torch.Tensor:
         """Per-feature variance of the input over all calibration tokens (FLAP's fluctuation)."""
         n = self.tokens.sum()

@@ -137,6 +137,29 @@ class Flap(Importance):
         return {key: _standardised(raw, key[1])[key] for key in raw}
 
 
+class Wifv(Importance):
+    """FLAP's WIFV as FLAP's code scores units for its default "AL-AM" structure (``--method flap``).
+
+    Per input column j of o_proj/down_proj: Var(X_j) * ||W[:, j]||^2, squared for o_proj (as in
+    ``prune_flap``); standardised over the columns of that module in that layer ((s - mean) / std, the
+    unbiased std); a unit scores the mean over its columns. Heads and channels of every layer are then
+    on one scale and can be ranked together (``ranking global-all``). Aggregation does not apply.
+    ``flap`` is AdaPruner's variant: unit sums, standardised per kind across layers.
+    """
+
+    name = "wifv"
+    requires = frozenset({"activations"})
+
+    def group_scores(self, model: torch.nn.Module, group: GroupSet, stats: Statistics, aggregation: str):
+        member = next(m for m in group.members if m.dim == 1)
+        weight = model.get_submodule(member.module).weight.detach().float()
+        per_column = stats.input_variance(member.module).to(weight.device) * weight.pow(2).sum(0)
+        if group.kind == "attention":
+            per_column = per_column.pow(2)
+        z = (per_column - per_column.mean()) / per_column.std().clamp_min(1e-12)
+        return z[member.indices.to(z.device)].mean(1)
+
+
 def _standardised(scores: Scores, kind: str) -> Scores:
     values = torch.cat([v for (_, k), v in scores.items() if k == kind])
     mean, std = values.mean(), values.std().clamp_min(1e-12)
@@ -198,8 +221,38 @@ class Mix(Importance):
         return total
 
 
+class PerKind(Importance):
+    """One metric for attention heads, another for MLP channels (kinds never compete for units)."""
+
+    name = "per_kind"
+
+    def __init__(self, attention: Importance, mlp: Importance) -> None:
+        self.attention, self.mlp = attention, mlp
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return self.attention.needs | self.mlp.needs
+
+    @property
+    def decomposable(self) -> bool:  # type: ignore[override]
+        return self.attention.decomposable and self.mlp.decomposable
+
+    def _for(self, kind: str) -> Importance:
+        return self.attention if kind == "attention" else self.mlp
+
+    def group_scores(self, model, group, stats, aggregation):
+        return self._for(group.kind).group_scores(model, group, stats, aggregation)
+
+    def score_all(self, model, groups, stats, aggregation) -> Scores:
+        attention = [g for g in groups if g.kind == "attention"]
+        mlp = [g for g in groups if g.kind != "attention"]
+        return self.attention.score_all(model, attention, stats, aggregation) | self.mlp.score_all(
+            model, mlp, stats, aggregation
+        )
+
+
 METRICS: dict[str, type[Importance]] = {
-    m.name: m for m in (Random, L1, L2, Element1, Element2, Second, Vector, WandaSP, Flap, Mix)
+    m.name: m for m in (Random, L1, L2, Element1, Element2, Second, Vector, WandaSP, Flap, Wifv, Mix)
 }
 
 
@@ -232,4 +285,4 @@ def score_groups(
     return metric.score_all(model, groups, stats, aggregation)
 
 
-__all__ = ["METRICS", "get_metric", "parse_mix", "score_group", "score_groups"]
+__all__ = ["METRICS", "PerKind", "get_metric", "parse_mix", "score_group", "score_groups"]

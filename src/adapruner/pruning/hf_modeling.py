@@ -6,7 +6,9 @@ works where AdaPruner is not installed. It depends on torch and transformers onl
 ``load_pruned`` uses the very same classes.
 
 ``config.pruned_layers`` lists, per decoder layer, ``num_attention_heads``, ``num_key_value_heads`` and
-``intermediate_size``; ``config.head_dim`` is explicit so it never changes when heads go.
+``intermediate_size``; ``config.head_dim`` is explicit so it never changes when heads go. Entries may
+also say ``o_proj_bias``/``down_proj_bias`` (true/false): a bias that bias compensation added to a
+projection the config alone would build without one (entries without them keep the config's choice).
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
 
-def _linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+def _linear_like(old: nn.Linear, in_features: int, out_features: int, bias: bool | None = None) -> nn.Linear:
     return nn.Linear(
         in_features,
         out_features,
-        bias=old.bias is not None,
+        bias=old.bias is not None if bias is None else bias,
         device=old.weight.device,
         dtype=old.weight.dtype,
     )
@@ -37,11 +39,11 @@ def apply_layer_shapes(model: nn.Module, layer_shapes: list[dict]) -> None:
         attn.q_proj = _linear_like(attn.q_proj, hidden, q_dim)
         attn.k_proj = _linear_like(attn.k_proj, hidden, kv_dim)
         attn.v_proj = _linear_like(attn.v_proj, hidden, kv_dim)
-        attn.o_proj = _linear_like(attn.o_proj, q_dim, hidden)
+        attn.o_proj = _linear_like(attn.o_proj, q_dim, hidden, shape.get("o_proj_bias"))
         attn.num_key_value_groups = shape["num_attention_heads"] // shape["num_key_value_heads"]
         mlp.gate_proj = _linear_like(mlp.gate_proj, hidden, inter)
         mlp.up_proj = _linear_like(mlp.up_proj, hidden, inter)
-        mlp.down_proj = _linear_like(mlp.down_proj, inter, hidden)
+        mlp.down_proj = _linear_like(mlp.down_proj, inter, hidden, shape.get("down_proj_bias"))
         mlp.intermediate_size = inter
 
 

@@ -7,6 +7,7 @@ units to keep.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -116,9 +117,12 @@ class Budget:
     """How much to remove and where.
 
     ``ratio`` is the fraction of the *whole model's* parameters to remove (embeddings included).
-    Inside ``layers`` (end exclusive) every layer loses the same fraction of its MLP channels ``r`` and
-    ``attention_scale * r`` of its attention units; ``r`` is solved so the total meets ``ratio``.
-    ``attention_scale=0`` leaves attention whole. MLP keep counts are rounded to ``round_to``.
+    Inside ``layers`` (end exclusive) layer ``i`` loses a fraction ``r * w_i`` of its MLP channels and
+    ``attention_scale * r * w_i`` of its attention units; ``r`` is solved so the total meets ``ratio``.
+    ``attention_scale=0`` leaves attention whole. The depth profile ``w`` (mean 1) is a smooth curve
+    over the pruned layers: ``depth_slope > 0`` cuts deeper layers more, ``depth_bend > 0`` cuts both
+    ends more than the middle; both 0 is LLM-Pruner's uniform rate. MLP keep counts are rounded to
+    ``round_to``.
     """
 
     ratio: float
@@ -126,6 +130,8 @@ class Budget:
     attention_scale: float = 1.0
     round_to: int = 1
     head_mode: HeadMode = "auto"
+    depth_slope: float = 0.0
+    depth_bend: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -134,6 +140,27 @@ class Budget:
             raise AdaPrunerError("attention scale must be >= 0 (0 leaves attention whole)")
         if self.round_to < 1:
             raise AdaPrunerError("--round-to must be a positive integer")
+        if not (abs(self.depth_slope) <= MAX_DEPTH_PARAM and abs(self.depth_bend) <= MAX_DEPTH_PARAM):
+            raise AdaPrunerError(
+                f"--depth-slope and --depth-bend must lie in [-{MAX_DEPTH_PARAM}, {MAX_DEPTH_PARAM}] (0: uniform)"
+            )
+
+
+MAX_DEPTH_PARAM = 4.0
+
+
+def depth_profile(num_layers: int, slope: float = 0.0, bend: float = 0.0) -> list[float]:
+    """Relative pruning rate of each of ``num_layers`` consecutive layers, mean 1.
+
+    ``exp(slope * u + bend * (u^2 - 1/3))`` with ``u`` from -1 (first pruned layer) to 1 (last):
+    always positive, so no layer is asked for a negative cut, and smooth, so two numbers describe it.
+    """
+    if num_layers == 1:
+        return [1.0]
+    u = [2 * i / (num_layers - 1) - 1 for i in range(num_layers)]
+    weights = [math.exp(slope * x + bend * (x * x - 1 / 3)) for x in u]
+    mean = sum(weights) / num_layers
+    return [w / mean for w in weights]
 
 
 @dataclass
@@ -144,6 +171,7 @@ class KeepCounts:
     rate: float
     removed_params: int
     total_params: int = field(default=0)
+    target_removed: float | None = None  # ratio * total_params (what ``global-all`` ranking aims at)
 
     @property
     def achieved_ratio(self) -> float:
@@ -166,25 +194,26 @@ def solve_keep_counts(adapter: ModelAdapter, budget: Budget, total_params: int) 
     """Find the uniform rate whose discrete keep counts remove closest to ``ratio`` of the model."""
     start, end = budget.layers or default_layer_range(adapter.num_layers)
     groups = [(attention_group(adapter, i, budget.head_mode), mlp_group(adapter, i)) for i in range(start, end)]
+    profile = depth_profile(end - start, budget.depth_slope, budget.depth_bend)
     target = budget.ratio * total_params
 
     def counts_at(rate: float) -> tuple[list[tuple[int, int]], int]:
         counts, removed = [], 0
-        for attn, mlp in groups:
-            a = _keep_units(attn, budget.attention_scale * rate)
-            m = _keep_channels(mlp, rate, budget.round_to)
+        for (attn, mlp), weight in zip(groups, profile, strict=True):
+            a = _keep_units(attn, budget.attention_scale * rate * weight)
+            m = _keep_channels(mlp, rate * weight, budget.round_to)
             counts.append((a, m))
             removed += (attn.num_units - a) * attn.params_per_unit + (mlp.num_units - m) * mlp.params_per_unit
         return counts, removed
 
-    _, max_removed = counts_at(1.0)
+    _, max_removed = counts_at(1.0 / min(profile))
     if max_removed < target:
         raise AdaPrunerError(
             f"ratio {budget.ratio} cannot be reached inside layers {start}:{end} (at most "
             f"{max_removed / total_params:.3f}): widen --layers or raise the attention share"
         )
-    lo, hi = 0.0, 1.0
-    for _ in range(50):
+    lo, hi = 0.0, 1.0 / min(profile)  # at hi every layer is cut to its minimum
+    for _ in range(60):
         mid = (lo + hi) / 2
         if counts_at(mid)[1] < target:
             lo = mid
@@ -195,7 +224,7 @@ def solve_keep_counts(adapter: ModelAdapter, budget: Budget, total_params: int) 
     per_layer: list[tuple[int, int] | None] = [None] * adapter.num_layers
     for offset, c in enumerate(counts):
         per_layer[start + offset] = c
-    return KeepCounts(per_layer, best, removed, total_params)
+    return KeepCounts(per_layer, best, removed, total_params, target)
 
 
 # -- scores + keep counts -> plan -----------------------------------------------------------
@@ -227,6 +256,8 @@ def layer_plan(shape: LayerShape, attn: GroupSet, attn_units: list[int], channel
 
 Scores = dict[tuple[int, str], torch.Tensor]
 
+RANKINGS: tuple[str, ...] = ("layer", "global", "global-all")
+
 
 def plan_from_scores(
     adapter: ModelAdapter,
@@ -235,14 +266,29 @@ def plan_from_scores(
     head_mode: HeadMode,
     global_ranking: bool = False,
     round_to: int = 1,
+    ranking: str | None = None,
 ) -> PrunePlan:
     """Keep the top-scoring units of each pruned layer; layers outside the range stay whole.
 
-    With ``global_ranking`` the per-kind totals of ``keep`` are kept but redistributed across layers:
-    units of one kind compete across all pruned layers on their scores.
+    ``ranking`` (default: ``"global"`` if ``global_ranking`` else ``"layer"``):
+
+    * ``layer``: each pruned layer keeps the counts of ``keep`` (its top-scoring units);
+    * ``global``: the per-kind totals of ``keep`` are kept but redistributed across layers: units of
+      one kind compete across all pruned layers on their scores;
+    * ``global-all``: FLAP's "AL-AM" structure: attention units and MLP channels of all pruned layers
+      compete in one list, lowest score first, each removal costing its parameters, until
+      ``keep.target_removed`` parameters are gone (the counts of ``keep`` only name the pruned layers).
+      The scores of both kinds must be comparable (``wifv``/``flap`` standardise them).
+
+    Every ranking keeps at least one unit per block (attention) and one channel (MLP) in every layer.
     """
-    if global_ranking:
+    ranking = ranking or ("global" if global_ranking else "layer")
+    if ranking == "global":
         keep = _global_keep_counts(adapter, scores, keep, head_mode, round_to)
+    elif ranking == "global-all":
+        keep = _joint_keep_counts(adapter, scores, keep, head_mode, round_to)
+    elif ranking != "layer":
+        raise AdaPrunerError(f"unknown ranking '{ranking}': choose one of {', '.join(RANKINGS)}")
     plan = PrunePlan.keep_all(adapter)
     for layer, counts in enumerate(keep.counts):
         if counts is None:
@@ -296,6 +342,42 @@ def _global_keep_counts(
     return KeepCounts(per_layer, keep.rate, keep.removed_params, keep.total_params)
 
 
+def _joint_keep_counts(
+    adapter: ModelAdapter, scores: Scores, keep: KeepCounts, head_mode: HeadMode, round_to: int
+) -> KeepCounts:
+    """Remove the lowest-scoring removal steps of both kinds, across layers, until the parameter target.
+
+    A step is the next unit of every block (attention) or the next ``round_to`` channels (MLP); it is
+    ranked by the mean score of its units and costs their parameters. Steps of one layer and kind have
+    non-decreasing scores, so each layer loses a prefix of its ranking. The walk stops at the step count
+    whose removed parameters are closest to the target (FLAP's threshold on the cumulative size).
+    """
+    target = keep.target_removed if keep.target_removed is not None else keep.removed_params
+    counts: dict[int, list[int]] = {}
+    steps: list[tuple[float, int, int, int, int, int]] = []  # (score, layer, slot, step, units, params)
+    for layer in (i for i, c in enumerate(keep.counts) if c is not None):
+        attn, mlp = attention_group(adapter, layer, head_mode), mlp_group(adapter, layer)
+        counts[layer] = [attn.num_units, mlp.num_units]
+        for slot, group, blocks, size in ((0, attn, attn.blocks, 1), (1, mlp, 1, round_to)):
+            units = blocks * size  # units one step removes
+            for k, total in enumerate(_removal_steps(scores[(layer, group.kind)], blocks, size)):
+                steps.append((total / units, layer, slot, k, units, units * group.params_per_unit))
+    max_removed = sum(step[5] for step in steps)
+    if max_removed < target:
+        raise AdaPrunerError(
+            f"ratio {target / keep.total_params:.3f} cannot be reached inside the pruned layers (at most "
+            f"{max_removed / keep.total_params:.3f} with one unit left per block): widen --layers"
+        )
+    removed = 0
+    for _, layer, slot, _, units, params in sorted(steps):
+        if abs(removed + params - target) >= abs(removed - target):
+            break
+        removed += params
+        counts[layer][slot] -= units
+    per_layer = [tuple(counts[i]) if i in counts else None for i in range(len(keep.counts))]
+    return KeepCounts(per_layer, keep.rate, removed, keep.total_params, target)
+
+
 def planned_param_count(adapter: ModelAdapter, plan: PrunePlan, dense_params: int) -> int:
     """Parameters after applying ``plan``, computed from group sizes (tests compare with the real count)."""
     removed = 0
@@ -330,6 +412,7 @@ def rate_summary(plan: PrunePlan, dense: list[LayerShape]) -> str:
 
 
 __all__ = [
+    "RANKINGS",
     "Budget",
     "KeepCounts",
     "LayerPlan",

@@ -4,11 +4,20 @@ Every trial scores the model with its configuration (statistics come from the po
 trials never run the model for scoring), applies the plan as masks (no copy of the model) and measures
 perplexity on a validation split that no calibration sample and no test text comes from. Trial 0 is
 LLM-Pruner's recipe, so the search can never end worse than it on its own objective. The study lives
-in an SQLite file in the run directory: rerunning the same command continues it.
+in an SQLite file in the run directory: rerunning the same command continues it. With ``--storage``
+(e.g. PostgreSQL) several workers share one study: the trial budget is the study's, and the trials
+of a worker that died are failed by heartbeat and run again by the others.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib.util
+import inspect
+import math
+import os
+import socket
 import time
 import warnings
 from dataclasses import asdict
@@ -16,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 import torch
 from tqdm.auto import tqdm
 
@@ -23,7 +33,7 @@ from ..api import PruneConfig, plan_for_scores
 from ..data import token_stream
 from ..data.pool import build_pool
 from ..errors import AdaPrunerError
-from ..evaluation import perplexity
+from ..evaluation.perplexity import windowed_nll, windows_of
 from ..importance import score_groups
 from ..importance.cache import StatisticsCache, model_fingerprint
 from ..models import get_adapter, layer_groups
@@ -35,6 +45,10 @@ from .report import write_report
 from .space import SearchSpace, TrialConfig, baseline_params, suggest
 
 SAMPLERS = ("tpe", "random")
+HEARTBEAT_INTERVAL = 60  # seconds between the heartbeats a running trial writes to a shared storage
+GRACE_PERIOD = 180  # a RUNNING trial silent for this long belongs to a dead worker: failed, then retried
+MAX_RETRY = 3  # how many times the parameters of such a trial are run again
+CONNECT_TIMEOUT = 10  # seconds to wait for a PostgreSQL server before giving up
 
 
 def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -49,7 +63,11 @@ def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 
 class Objective:
-    """Validation perplexity of the masked model pruned with a trial's configuration."""
+    """Validation perplexity of the masked model pruned with a trial's configuration.
+
+    The validation windows are evaluated in ``steps`` chunks; after each, the running perplexity is
+    reported so an Optuna pruner can stop a hopeless trial before it has paid for the whole pass.
+    """
 
     def __init__(
         self,
@@ -62,12 +80,28 @@ class Objective:
         space: SearchSpace,
         valid_tokens: torch.Tensor,
         seq_len: int,
+        steps: int = 4,
     ) -> None:
         self.model, self.adapter = model, get_adapter(model)
         self.ratio, self.layers, self.head_mode = ratio, layers, head_mode
-        self.pool, self.cache, self.space = pool, cache, space
-        self.valid_tokens, self.seq_len = valid_tokens, seq_len
+        self.pool, self.space = pool, space
+        self.caches = {pool.seq_len: cache}
+        self.windows = windows_of(valid_tokens, seq_len)
+        if self.windows.shape[0] < steps:
+            raise AdaPrunerError(
+                f"the validation text gives only {self.windows.shape[0]} windows of {seq_len} tokens: "
+                f"the objective needs at least {steps}; raise --objective-tokens or use a larger source"
+            )
+        self.steps = steps
         self.groups = layer_groups(self.adapter, list(range(*layers)), head_mode)
+
+    def cache_for(self, seq_len: int) -> StatisticsCache:
+        """Statistics of the pool cut to ``seq_len`` tokens (computed once, then from disk)."""
+        if seq_len not in self.caches:
+            pool = self.pool.truncated(seq_len)
+            self.caches[seq_len] = StatisticsCache(self.model, pool, self.caches[self.pool.seq_len].modules)
+            self.caches[seq_len].per_sample()
+        return self.caches[seq_len]
 
     def plan_for(self, config: TrialConfig):
         """The plan a trial's configuration gives, built exactly as ``adapruner prune`` builds it."""
@@ -75,52 +109,196 @@ class Objective:
             model="",
             ratio=self.ratio,
             metric=config.metric,
+            attention_metric=config.attention_metric,
             aggregation=config.aggregation,
             mix=config.mix,
             attention_scale=config.attention_scale,
+            depth_slope=config.depth_slope,
+            depth_bend=config.depth_bend,
             global_ranking=config.global_ranking,
             head_mode=self.head_mode,
             seed=config.subset_seed,
         )
         metric = cfg.build_metric()
-        subset = self.pool.select(
+        cache = self.cache_for(config.seq_len)
+        subset = cache.pool.select(
             config.num_samples, sources=list(config.sources), window=config.window, seed=config.subset_seed
         )
-        scores = score_groups(
-            self.model, self.groups, metric, self.cache.statistics_for(subset, metric), config.aggregation
-        )
-        budget = Budget(self.ratio, self.layers, config.attention_scale, 1, self.head_mode)
-        plan, _ = plan_for_scores(self.model, scores, budget, cfg)
+        scores = score_groups(self.model, self.groups, metric, cache.statistics_for(subset, metric), config.aggregation)
+        plan, _ = plan_for_scores(self.model, scores, cfg.budget(self.layers), cfg)
         return plan, subset
 
     def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran (or abandoned) it
         config = suggest(trial, self.space)
+        if trial.params == baseline_params(self.space):
+            trial.set_user_attr("baseline", True)
+        trial.set_user_attr("config", config.to_dict())
+        clock = time.perf_counter()
         try:
             plan, subset = self.plan_for(config)
         except AdaPrunerError as exc:  # e.g. a quantile window leaves too few samples
             raise optuna.TrialPruned(str(exc)) from None
-        with torch.no_grad(), masked(self.adapter, plan):
-            value = perplexity(self.model, self.valid_tokens, self.seq_len, progress=False)
-        trial.set_user_attr("config", config.to_dict())
+        seconds = {"importance": time.perf_counter() - clock}
         trial.set_user_attr("subset", subset)
         trial.set_user_attr("kept", [list(asdict(s).values()) for s in plan.shapes()])
-        return value
+        try:
+            return self._evaluate(trial, plan, seconds)
+        finally:
+            trial.set_user_attr("seconds", {k: round(v, 3) for k, v in seconds.items()})
+
+    def _evaluate(self, trial: optuna.Trial, plan, seconds: dict[str, float]) -> float:
+        """Masked validation perplexity, chunk by chunk; times masking and evaluation separately."""
+        total_nll, total_tokens = 0.0, 0
+        clock = time.perf_counter()
+        with torch.no_grad(), masked(self.adapter, plan):
+            seconds["masking"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            for step, chunk in enumerate(self.windows.tensor_split(self.steps)):
+                for nll, count in windowed_nll(self.model, chunk):
+                    total_nll += nll
+                    total_tokens += count
+                seconds["evaluation"] = time.perf_counter() - clock
+                if step < self.steps - 1:
+                    trial.report(math.exp(total_nll / total_tokens), step)
+                    if trial.should_prune():
+                        raise optuna.TrialPruned(f"validation perplexity after {step + 1}/{self.steps} chunks")
+        return math.exp(total_nll / total_tokens)
 
 
-def _open_study(storage: str, name: str, sampler, identity: dict[str, str]) -> optuna.Study:
+PRUNERS = ("percentile", "median", "none")
+
+
+def _pruner(name: str) -> optuna.pruners.BasePruner:
+    """``percentile`` stops trials in the worst quarter at a partial evaluation (after 8 finished trials)."""
+    if name == "percentile":
+        return optuna.pruners.PercentilePruner(75.0, n_startup_trials=8, n_warmup_steps=0)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=8, n_warmup_steps=0)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise AdaPrunerError(f"unknown --pruner '{name}': choose one of {', '.join(PRUNERS)}")
+
+
+def _lock_id(key: str) -> int:
+    """The 64-bit PostgreSQL advisory lock id of ``key`` (the same in every worker)."""
+    return int.from_bytes(hashlib.sha256(f"adapruner:{key}".encode()).digest()[:8], "big", signed=True)
+
+
+@contextlib.contextmanager
+def _database_lock(engine: sqlalchemy.engine.Engine, key: str):
+    """A PostgreSQL advisory lock held for the block, so concurrent workers take turns.
+
+    Held on its own connection; the server releases it when that connection closes, so a worker
+    killed inside the block leaves no stale lock. No-op on other databases.
+    """
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    lock_id = _lock_id(key)
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:id)"), {"id": lock_id})
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:id)"), {"id": lock_id})
+
+
+def _missing(module: str) -> bool:
+    return importlib.util.find_spec(module) is None
+
+
+def _connect(url: str) -> optuna.storages.RDBStorage:
+    """A shared storage with heartbeats, connected now so that a bad URL fails before the model loads.
+
+    Trials of a worker that stops writing heartbeats (killed, machine lost) are failed by the next
+    worker that starts a trial, and their parameters queued again (at most MAX_RETRY times).
+    """
+    shown = url
     try:
-        study = optuna.create_study(
-            storage=storage, study_name=name, direction="minimize", sampler=sampler, load_if_exists=True
+        parsed = sqlalchemy.engine.make_url(url)
+        shown = parsed.render_as_string(hide_password=True)
+        engine_kwargs: dict[str, Any] = {}
+        if parsed.drivername == "postgresql" and _missing("psycopg") and not _missing("psycopg2"):
+            # SQLAlchemy >= 2.1 reads a bare postgresql:// as psycopg 3; adapruner[postgres] installs psycopg2
+            parsed = parsed.set(drivername="postgresql+psycopg2")
+            url = parsed.render_as_string(hide_password=False)
+        if parsed.get_backend_name() == "postgresql":
+            engine_kwargs["pool_pre_ping"] = True  # trials are long: the connection may idle out between them
+            if "connect_timeout" not in parsed.query:
+                engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
+        retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or (
+            optuna.storages.RetryFailedTrialCallback  # optuna < 4.9
         )
+        callback_arg = (
+            "heartbeat_stale_trial_callback"
+            if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
+            else "failed_trial_callback"
+        )
+        probe = sqlalchemy.create_engine(parsed, **engine_kwargs)
+        try:
+            # Two workers creating the tables of an empty database at once collide in PostgreSQL's
+            # catalog (duplicate key in pg_type): they take turns.
+            with _database_lock(probe, "schema"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=HEARTBEAT_INTERVAL,
+                    grace_period=GRACE_PERIOD,
+                    **{callback_arg: retry(max_retry=MAX_RETRY)},
+                )
+        finally:
+            probe.dispose()
     except Exception as exc:
-        raise AdaPrunerError(f"cannot open the study in {storage}: {str(exc).splitlines()[0]}") from None
-    stored = {k: study.user_attrs.get(k) for k in identity}
-    if all(v is None for v in stored.values()):
-        for key, value in identity.items():
-            study.set_user_attr(key, value)
-    elif stored != identity:
-        diff = ", ".join(f"{k}: {stored[k]} != {identity[k]}" for k in identity if stored[k] != identity[k])
-        raise AdaPrunerError(f"study '{name}' was made for another setting ({diff}): use a new --output or --study")
+        missing_driver = isinstance(exc, ImportError)
+        cause = (exc.__cause__ or exc) if missing_driver else (getattr(exc, "orig", None) or exc)
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        reason = lines[0] if lines else type(cause).__name__
+        hint = (
+            ('pip install "adapruner[postgres]"' if "postgres" in shown else "install its database driver")
+            if missing_driver
+            else "check that the server runs, that the database exists and the URL "
+            "(dialect://user[:password]@host[:port]/database)"
+        )
+        raise AdaPrunerError(f"cannot reach storage URL {shown}: {reason}; {hint}") from None
+
+
+def _open_study(
+    storage: str | optuna.storages.RDBStorage,
+    name: str,
+    sampler,
+    identity: dict[str, str],
+    baseline: dict[str, Any],
+) -> optuna.Study:
+    """Create or load the study, check it was made for this setting, enqueue trial 0 if it is new.
+
+    Workers that start together would each see an empty study and enqueue the baseline (a check,
+    then a write: a race). On PostgreSQL they take turns under an advisory lock, so the baseline is
+    enqueued exactly once and always becomes trial 0, before any worker asks for a trial; the lock
+    also makes writing the identity attributes race-free. (A study user attribute cannot serve as
+    the lock: setting one is an upsert, not a compare-and-set.) Other shared databases get no lock:
+    there two workers starting within milliseconds may both enqueue the baseline, run twice, harmlessly.
+    """
+    engine = getattr(storage, "engine", None)
+    lock = _database_lock(engine, f"study:{name}") if engine is not None else contextlib.nullcontext()
+    with lock:
+        try:
+            study = optuna.create_study(
+                storage=storage, study_name=name, direction="minimize", sampler=sampler, load_if_exists=True
+            )
+        except Exception as exc:
+            shown = storage if isinstance(storage, str) else storage.engine.url.render_as_string(hide_password=True)
+            raise AdaPrunerError(f"cannot open the study in {shown}: {str(exc).splitlines()[0]}") from None
+        stored = {k: study.user_attrs.get(k) for k in identity}
+        if all(v is None for v in stored.values()):
+            for key, value in identity.items():
+                study.set_user_attr(key, value)
+        elif stored != identity:
+            diff = ", ".join(f"{k}: {stored[k]} != {identity[k]}" for k in identity if stored[k] != identity[k])
+            raise AdaPrunerError(f"study '{name}' was made for another setting ({diff}): use a new --output or --study")
+        if not study.get_trials(deepcopy=False):
+            study.enqueue_trial(baseline)
     return study
 
 
@@ -149,18 +327,30 @@ def search(
     layers: str | None = None,
     head_mode: str = "auto",
     pool_per_source: int = 20,
-    pool_seq_len: int = 64,
+    pool_seq_len: int | None = None,
     objective_source: str = "wiki",
     objective_tokens: int = 4096,
     objective_seq_len: int = 128,
     dtype: str = "float32",
+    pruner: str = "percentile",
 ) -> dict[str, Any]:
-    """Run (or continue) the search; returns the best trial's configuration and objective."""
+    """Run (or continue) the search; returns the best trial's configuration and objective.
+
+    The pool holds ``pool_per_source`` windows of ``pool_seq_len`` tokens (default: the longest of the
+    space's ``seq_lens``) per source; shorter sequence lengths use the windows' prefixes.
+    """
     space = space or SearchSpace()
     Budget(ratio)
+    if trials < 1:
+        raise AdaPrunerError(f"--trials {trials}: give at least 1")
+    pool_seq_len = pool_seq_len or max(space.seq_lens)
+    if pool_seq_len < max(space.seq_lens):
+        raise AdaPrunerError(f"--pool-seq-len {pool_seq_len} is shorter than the space's seq_lens {space.seq_lens}")
+    _pruner(pruner)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar shows best and baseline
     run_dir = Path(output)
     run_dir.mkdir(parents=True, exist_ok=True)
+    shared = _connect(storage) if storage is not None else None  # before the (slow) model load
     hf_model, tokenizer = load_model(model, dtype)
     adapter = get_adapter(hf_model)
     layer_range = parse_layer_range(layers, adapter.num_layers)
@@ -170,6 +360,8 @@ def search(
     cache.per_sample()
     valid = token_stream(tokenizer, objective_source, "validation", objective_tokens)
     objective = Objective(hf_model, ratio, layer_range, head_mode, pool, cache, space, valid, objective_seq_len)
+    for length in space.seq_lens:
+        objective.cache_for(length)
     identity = {
         "model": model_fingerprint(hf_model),
         "ratio": str(ratio),
@@ -177,26 +369,32 @@ def search(
         "space": space.space,
         "layers": f"{layer_range[0]}:{layer_range[1]}",
     }
-    study = _open_study(
-        storage or f"sqlite:///{(run_dir / 'study.db').resolve()}", study_name, _sampler(sampler, seed), identity
-    )
-    if storage is None:
+    # Workers of a shared study seeded alike would sample the same configurations side by side.
+    study_sampler = _sampler(sampler, seed if shared is None else None)
+    local = f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    study = _open_study(shared or local, study_name, study_sampler, identity, baseline_params(space))
+    study.pruner = _pruner(pruner)
+    if shared is None:
         _retry_interrupted(study)
-    if not study.trials:
-        study.enqueue_trial(baseline_params(space))
     counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # failed trials are retried
-    done = sum(t.state in counted for t in study.trials)
+    done = len(study.get_trials(deepcopy=False, states=counted))
     started = time.perf_counter()
     with tqdm(total=trials, initial=min(done, trials), desc="search") as bar:
 
         def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            baseline = study.trials[0].value if study.trials and study.trials[0].value else float("nan")
+            found = baseline_trial(study)
+            baseline = found.value if found is not None and found.value is not None else float("nan")
             best = study.best_value if any(t.value is not None for t in study.trials) else float("nan")
             bar.set_postfix(best=f"{best:.2f}", baseline=f"{baseline:.2f}", refresh=False)
-            bar.update(1)
+            bar.n = min(len(study.get_trials(deepcopy=False, states=counted)), trials)  # all workers' trials
+            bar.refresh()
 
         if trials > done:
-            study.optimize(objective, n_trials=trials - done, callbacks=[progress])
+            # --trials is the study's budget, not this worker's: every worker stops once the study
+            # holds `trials` finished trials. MaxTrialsCallback looks after each trial, so the trials
+            # other workers have in flight then still finish: W workers may end up to W - 1 over.
+            budget = optuna.study.MaxTrialsCallback(trials, states=counted)
+            study.optimize(objective, n_trials=trials - done, callbacks=[progress, budget])
     pool_spec = {"sources": space.sources, "per_source": pool_per_source, "seq_len": pool_seq_len, "seed": seed}
     layers_text = f"{layer_range[0]}:{layer_range[1]}"
     return _write_outputs(
@@ -207,8 +405,17 @@ def search(
         space,
         sampler,
         time.perf_counter() - started,
-        {"pool": pool_spec, "layers": layers_text, "head_mode": head_mode},
+        {"pool": pool_spec, "layers": layers_text, "head_mode": head_mode, "pruner": pruner},
     )
+
+
+def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The finished run of LLM-Pruner's recipe: trial 0 normally, a later one if a worker died on it."""
+    finished = [t for t in study.trials if t.value is not None]
+    for trial in finished:
+        if trial.user_attrs.get("baseline"):
+            return trial
+    return finished[0] if finished and finished[0].number == 0 else None
 
 
 def _write_outputs(
@@ -225,7 +432,7 @@ def _write_outputs(
     if not completed:
         raise AdaPrunerError("no trial completed: check the log above")
     best = min(completed, key=lambda t: t.value)
-    baseline = study.trials[0]
+    baseline = baseline_trial(study) or study.trials[0]
     result = {
         "model": model,
         "ratio": ratio,
@@ -240,6 +447,7 @@ def _write_outputs(
         },
         "baseline": {"trial": baseline.number, "value": baseline.value},
         "trials": len(completed),
+        "finished": sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials),
         "space": asdict(space),
         "sampler": sampler,
         **setting,

@@ -1,0 +1,684 @@
+"""The results table: every baseline of ``adapruner prune --method`` and AdaPruner, with and without LoRA.
+
+Grid (default): SmolLM2-135M (``smollm2-135m``) at ratios 0.2 and 0.5, Qwen2.5-0.5B (``qwen2.5-0.5b``,
+fetched with ``adapruner.assets.fetch`` when missing) at 0.2. For each model × ratio every method of
+:mod:`adapruner.methods` (random, l2, llm-pruner-element1/element2/vector, wanda-sp, flap) is pruned with
+its preset, and AdaPruner searches ``--trials`` trials (TPE, the default space, LLM-Pruner's recipe as
+trial 0) and prunes with the winner (``prune --from-run``). Every pruned model is then
+
+* evaluated as is: perplexity on the wiki and news *test* splits (128-token windows, the first
+  ``--eval-tokens`` tokens of each) and the seven zero-shot tasks (BoolQ, PIQA, HellaSwag, WinoGrande,
+  ARC-e, ARC-c, OpenBookQA) on the first ``--limit`` documents of each;
+* LoRA-recovered with the same budget for all: ``--finetune-steps`` optimizer steps of 8 examples
+  (micro-batches of 4) of ``--cutoff-len`` tokens of ``--finetune-data`` (default ``wiki``, its train
+  split), 5 warm-up steps, LLM-Pruner's LoRA settings otherwise (r 8, alpha 16, lr 1e-4, all seven
+  projections), and evaluated again.
+
+The dense model of each model is evaluated the same way (the retention reference). ``--full`` is the
+GPU setting: no document limit, whole test splits, and LLM-Pruner's own LoRA budget (FinetuneConfig's
+defaults: 2 epochs, batch 64, micro-batch 4, 256 tokens, 100 warm-up steps, 2,000 validation blocks;
+``--finetune-data alpaca`` for the paper's data, which needs the hub).
+
+Every unit of work (search, prune, fine-tune, evaluation) writes its output atomically under
+``--run-root`` (default ``runs/bench/compare``) and is skipped when that output exists, so an
+interrupted run continues where it stopped; the search is an Optuna study that continues from its last
+trial. Output names carry the settings that decide them (trials, fine-tuning budget, evaluation tokens,
+limit, tasks), so runs with other settings sit beside each other and the report only shows the current
+ones. Layout::
+
+    RUN_ROOT/<model>/dense/eval-<tag>.json
+    RUN_ROOT/<model>/r<ratio>/<method>/model/                 pruned model (adapruner prune --output)
+    RUN_ROOT/<model>/r<ratio>/<method>/<lora>/                LoRA-recovered model (merged)
+    RUN_ROOT/<model>/r<ratio>/<method>/eval-<tag>.json        evaluate --output, and <lora>.eval-<tag>.json
+    RUN_ROOT/<model>/r<ratio>/<method>/times.json             wall seconds of each unit
+    RUN_ROOT/<model>/r<ratio>/adapruner-search/               the study (shared by every --trials budget;
+                                                              other --pool-per-source/--objective-tokens
+                                                              are named: adapruner-pool10-obj512-search)
+    RUN_ROOT/results.md, results.csv, ppl_vs_ratio_<model>.png, retention_<model>_r<ratio>.png
+
+``results.md`` holds one table per model × ratio (method, recovery, params, wiki/news perplexity, the
+seven accuracies, their average, its retention in % of the dense average, and the wall time of pruning
+or search, fine-tuning and evaluation); ``results.csv`` one row per model × ratio × method × recovery.
+The markdown is printed to stdout at the end. Units that fail are reported and the run goes on (exit
+status 1 at the end); ``--report-only`` rebuilds the report from what exists, ``--dry-run`` lists the
+units still to run.
+
+Wall time. The defaults (``--trials 20 --finetune-steps 10 --limit 5 --eval-tokens 8192``) are sized
+from the README's figures for 2 CPU cores (fp32): perplexity ~420 tokens/s on SmolLM2 (~40 s per
+evaluation of 2 × 8,192 tokens), zero-shot ~1 log-likelihood request/s (~23 s per ``--limit`` document
+over the seven tasks), search ~80 s of pool statistics plus ~12 s per trial, pruning 3-40 s; assumed:
+one LoRA step (8 × 128 tokens, forward and backward) ~12 s, Qwen2.5-0.5B ~3.7× SmolLM2's cost per
+token (parameter ratio), pruned models 0.85× (ratio 0.2) and 0.6× (0.5) the cost of their dense model.
+Estimate: SmolLM2 (33 evaluations, 16 fine-tunes, 2 searches) ~1 h without zero-shot + ~9 min per
+``--limit`` document, ~1 h 45 min at the default; Qwen2.5 (17 evaluations, 8 fine-tunes, 1 search)
+~2 h + ~21 min per document, ~3 h 45 min; the whole grid ~5 h 30 min. So ~2 h on 2 cores is
+``--models smollm2-135m``: the whole grid needs ~3 h even with ``--tasks none``. On busy shared cores
+everything takes several times longer (the smoke run of 2026-11-28, on 2 cores loaded ~3× over, ran
+5-20× slower than these figures). At ``--limit 5`` one task accuracy has a standard error of ~±22
+points and the seven-task average ~±8: small-limit accuracies are indicative only; ``--full`` on a
+GPU gives the numbers to publish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from adapruner import api
+from adapruner.assets import MODELS as ASSET_MODELS
+from adapruner.assets import fetch, model_dir
+from adapruner.errors import AdaPrunerError
+from adapruner.methods import METHODS
+from adapruner.pipeline import SEVEN_TASKS
+from adapruner.pruning.io import write_json_atomic, write_text_atomic
+
+ADAPRUNER = "adapruner"
+DEFAULT_GRID = {"smollm2-135m": [0.2, 0.5], "qwen2.5-0.5b": [0.2]}
+DISPLAY = {"smollm2-135m": "SmolLM2-135M-Instruct", "qwen2.5-0.5b": "Qwen2.5-Coder-0.5B-Instruct"}
+PPL_SOURCES = ("wiki", "news")
+PPL_SEQ_LEN = 128
+TASK_SHORT = {
+    "boolq": "BoolQ",
+    "piqa": "PIQA",
+    "hellaswag": "HellaS.",
+    "winogrande": "WinoG.",
+    "arc_easy": "ARC-e",
+    "arc_challenge": "ARC-c",
+    "openbookqa": "OBQA",
+}
+# The equal recovery budget of every method (``--finetune-steps`` sets max_steps).
+FINETUNE_FIXED = {"batch_size": 8, "micro_batch_size": 4, "warmup_steps": 5, "val_set_size": 0}
+
+
+# --- settings and names -----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(DEFAULT_GRID), help="comma-separated model assets")
+    parser.add_argument(
+        "--ratios",
+        default=None,
+        help="comma-separated ratios for every selected model (default: 0.2,0.5 for SmolLM2, 0.2 for Qwen2.5)",
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join([*METHODS, ADAPRUNER]),
+        help=f"comma-separated subset of {', '.join([*METHODS, ADAPRUNER])}",
+    )
+    parser.add_argument("--trials", type=int, default=20, help="AdaPruner's search budget (trials per study)")
+    parser.add_argument("--pool-per-source", type=int, default=20, help="search pool windows per source")
+    parser.add_argument("--objective-tokens", type=int, default=4096, help="validation tokens per search trial")
+    parser.add_argument("--finetune-steps", type=int, default=10, help="LoRA optimizer steps (8 examples each)")
+    parser.add_argument("--cutoff-len", type=int, default=128, help="tokens per LoRA training example")
+    parser.add_argument("--finetune-data", default="wiki", help="LoRA data: a text source, alpaca or a file")
+    parser.add_argument("--no-finetune", action="store_true", help="skip the LoRA rows")
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="test tokens per perplexity source")
+    parser.add_argument("--tasks", default=",".join(SEVEN_TASKS), help="zero-shot tasks, or 'none'")
+    parser.add_argument("--limit", type=int, default=5, help="documents per zero-shot task")
+    parser.add_argument("--batch-size", type=int, default=8, help="evaluation batch size")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="GPU setting: no --limit, whole test splits, LLM-Pruner's LoRA budget (FinetuneConfig defaults)",
+    )
+    parser.add_argument("--run-root", type=Path, default=Path("runs/bench/compare"))
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the report from existing outputs")
+    parser.add_argument("--dry-run", action="store_true", help="list the units still to run, run nothing")
+    args = parser.parse_args(argv)
+
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in ASSET_MODELS]
+    if unknown or not args.models:
+        parser.error(f"--models: unknown {unknown or '(none)'}; choose from {', '.join(ASSET_MODELS)}")
+    ratios = [float(r) for r in args.ratios.split(",")] if args.ratios else None
+    args.grid = [(m, r) for m in args.models for r in (ratios or DEFAULT_GRID.get(m, [0.2]))]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS and m != ADAPRUNER]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {', '.join([*METHODS, ADAPRUNER])}")
+    args.methods = [m for m in [*METHODS, ADAPRUNER] if m in args.methods]  # the registry's order
+    args.tasks = [] if args.tasks.strip().lower() in ("", "none") else [t.strip() for t in args.tasks.split(",")]
+    if args.full:
+        args.limit, args.eval_tokens = None, None
+    if not args.tasks:
+        args.limit = None
+    for name in ("trials", "finetune_steps", "pool_per_source", "objective_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def finetune_options(args) -> dict[str, Any]:
+    if args.full:
+        return {}  # FinetuneConfig's defaults: LLM-Pruner's post-training
+    return FINETUNE_FIXED | {"max_steps": args.finetune_steps, "cutoff_len": args.cutoff_len}
+
+
+def steps_text(args) -> str:
+    return f"{args.finetune_steps} step" + ("s" if args.finetune_steps != 1 else "")
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in str(text)).strip("-") or "x"
+
+
+def lora_name(args) -> str:
+    """The fine-tuned model's directory name: data and budget."""
+    data = slug(Path(args.finetune_data).stem if os.sep in args.finetune_data else args.finetune_data)
+    return f"lora-{data}-llm-pruner" if args.full else f"lora-{data}-s{args.finetune_steps}-c{args.cutoff_len}"
+
+
+def eval_tag(args) -> str:
+    """What decides an evaluation file: test tokens, document limit, tasks."""
+    tag = f"eval-tok{args.eval_tokens or 'all'}-lim{args.limit or 'all'}"
+    if not args.tasks:
+        return tag + "-nozs"
+    if list(args.tasks) != list(SEVEN_TASKS):
+        tag += "-" + "+".join(slug(t) for t in args.tasks)
+    return tag
+
+
+def search_name(args) -> str:
+    """The study's directory: the search settings other than the budget (defaults: not named)."""
+    name = ADAPRUNER
+    if args.pool_per_source != 20:
+        name += f"-pool{args.pool_per_source}"
+    if args.objective_tokens != 4096:
+        name += f"-obj{args.objective_tokens}"
+    return name
+
+
+def variant(method: str, args) -> str:
+    """The directory of one method's pruned model; AdaPruner's name holds its search settings and budget."""
+    return f"{search_name(args)}-t{args.trials}" if method == ADAPRUNER else method
+
+
+def method_label(method: str, args) -> str:
+    if method == ADAPRUNER:
+        return f"AdaPruner (TPE, {args.trials} trials)"
+    return method
+
+
+# --- units of work ----------------------------------------------------------------------------------
+
+
+class Times:
+    """Wall seconds of the units of one directory (``times.json``), written after each unit."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "times.json"
+        try:
+            self.data: dict[str, Any] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.data = {}
+
+    def get(self, key: str) -> float | None:
+        value = self.data.get(key)
+        return float(value) if isinstance(value, int | float) else None
+
+    def set(self, key: str, seconds: float) -> None:
+        self.data[key] = round(seconds, 1)
+        write_json_atomic(self.path, self.data)
+
+
+class Runner:
+    """Runs each unit unless its output exists; keeps going after a failure and lists the failures."""
+
+    def __init__(self, dry_run: bool) -> None:
+        self.dry_run = dry_run
+        self.failures: list[str] = []
+        self.pending: list[str] = []
+        self.ran = 0
+
+    def unit(self, name: str, done: bool, action: Callable[[], float | None], needs: list[Path] = ()) -> bool:
+        """True when the unit's output exists (now or already)."""
+        if done:
+            return True
+        if self.dry_run:
+            self.pending.append(name)
+            return False
+        missing = [str(p) for p in needs if not p.exists()]
+        if missing:
+            self.failures.append(f"{name}: skipped, its input {', '.join(missing)} is missing")
+            return False
+        print(f"[compare_methods] {name} ...", file=sys.stderr, flush=True)
+        try:
+            action()
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # one failed unit must not end a multi-hour run
+            traceback.print_exc()
+            self.failures.append(f"{name}: {type(exc).__name__}: {exc}")
+            return False
+        self.ran += 1
+        return True
+
+
+def timed(times: Times, key: str, action: Callable[[], Any]) -> Callable[[], None]:
+    def run() -> None:
+        start = time.perf_counter()
+        action()
+        times.set(key, time.perf_counter() - start)
+
+    return run
+
+
+def evaluate_unit(
+    runner: Runner, args, name: str, model: str | Path, output: Path, times: Times, needs: list[Path] = ()
+) -> None:
+    def action() -> None:
+        api.evaluate(
+            str(model),
+            ppl=list(PPL_SOURCES),
+            seq_len=[PPL_SEQ_LEN],
+            max_tokens=args.eval_tokens,
+            batch_size=args.batch_size,
+            tasks=args.tasks or None,
+            limit=args.limit,
+            output=output,
+        )
+
+    runner.unit(f"evaluate {name}", output.is_file(), timed(times, output.name, action), needs)
+
+
+def search_done(search_dir: Path, trials: int) -> bool:
+    best = read_json(search_dir / "best.json")
+    if best is None:
+        return False
+    finished = best.get("finished", 0)
+    if finished > trials:
+        raise AdaPrunerError(
+            f"the study in {search_dir} already holds {finished} trials, more than --trials {trials}: "
+            f"give --trials {finished} or more, or another --run-root"
+        )
+    return finished >= trials
+
+
+def search_seconds(search_dir: Path, trials: int) -> float | None:
+    """Wall time of the study up to ``trials`` trials (a continued study adds its runs' times)."""
+    try:
+        runs = json.loads((search_dir / "times.json").read_text())
+    except (OSError, ValueError):
+        return None
+    seconds = [r["seconds"] for r in runs if r.get("trials", math.inf) <= trials]
+    return round(sum(seconds), 1) if seconds else None
+
+
+def run_search(runner: Runner, args, model: str, ratio: float, search_dir: Path) -> None:
+    from adapruner.search.space import SearchSpace
+    from adapruner.search.study import search
+
+    def action() -> None:
+        start = time.perf_counter()
+        search(
+            model,
+            ratio,
+            trials=args.trials,
+            output=search_dir,
+            space=SearchSpace(),
+            sampler="tpe",
+            seed=0,
+            pool_per_source=args.pool_per_source,
+            objective_tokens=args.objective_tokens,
+        )
+        path = search_dir / "times.json"
+        try:
+            runs = json.loads(path.read_text())
+        except (OSError, ValueError):
+            runs = []
+        write_json_atomic(path, [*runs, {"trials": args.trials, "seconds": round(time.perf_counter() - start, 1)}])
+
+    runner.unit(f"search {model} r{ratio} ({args.trials} trials)", search_done(search_dir, args.trials), action)
+
+
+def run_method(runner: Runner, args, model: str, ratio: float, method: str) -> None:
+    ratio_dir = args.run_root / model / f"r{ratio}"
+    directory = ratio_dir / variant(method, args)
+    times = Times(directory)
+    pruned = directory / "model"
+    where = f"{model} r{ratio} {variant(method, args)}"
+    if method == ADAPRUNER:
+        search_dir = ratio_dir / f"{search_name(args)}-search"
+        run_search(runner, args, model, ratio, search_dir)
+        prune = timed(times, "prune", lambda: api.prune(model, from_run=search_dir, output=pruned))
+        runner.unit(f"prune {where}", pruned.is_dir(), prune, [search_dir / "best.json"])
+    else:
+        prune = timed(times, "prune", lambda: api.prune(model, ratio, method=method, output=pruned))
+        runner.unit(f"prune {where}", pruned.is_dir(), prune)
+    tag = eval_tag(args)
+    evaluate_unit(runner, args, where, pruned, directory / f"{tag}.json", times, [pruned])
+    if args.no_finetune:
+        return
+    lora = directory / lora_name(args)
+    tune = timed(times, lora.name, lambda: api.finetune(pruned, args.finetune_data, lora, **finetune_options(args)))
+    runner.unit(f"finetune {where} ({lora.name})", lora.is_dir(), tune, [pruned])
+    evaluate_unit(runner, args, f"{where} {lora.name}", lora, directory / f"{lora.name}.{tag}.json", times, [lora])
+
+
+def ensure_model(model: str) -> None:
+    if not (model_dir(model) / "config.json").is_file():
+        print(f"[compare_methods] fetching {model} (adapruner assets fetch {model}) ...", file=sys.stderr)
+        fetch([model])
+
+
+def run_all(args) -> Runner:
+    runner = Runner(args.dry_run)
+    for model in args.models:
+        if not args.dry_run:
+            ensure_model(model)
+        dense = args.run_root / model / "dense"
+        evaluate_unit(runner, args, f"{model} dense", model, dense / f"{eval_tag(args)}.json", Times(dense))
+        for grid_model, ratio in args.grid:
+            if grid_model != model:
+                continue
+            for method in args.methods:
+                try:
+                    run_method(runner, args, model, ratio, method)
+                except AdaPrunerError as exc:  # e.g. a study with more trials than asked
+                    runner.failures.append(f"{model} r{ratio} {method}: {exc}")
+    return runner
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def row_from_eval(results: dict, tasks: list[str]) -> dict[str, Any]:
+    zs = results.get("zero_shot") or {}
+    row: dict[str, Any] = {"params": results.get("params")}
+    for source in PPL_SOURCES:
+        row[f"{source}_ppl"] = results.get("perplexity", {}).get(f"{source}@{PPL_SEQ_LEN}")
+    for task in tasks:
+        entry = zs.get("tasks", {}).get(task)
+        row[task] = entry[entry["metric"]] if entry else None
+        row[f"{task}_metric"] = entry["metric"] if entry else None
+    row["average"] = zs.get("average")
+    return row
+
+
+def collect_rows(args) -> list[dict[str, Any]]:
+    """One row per model × ratio × method × recovery whose evaluation exists, plus the dense rows."""
+    tag = eval_tag(args)
+    lora = lora_name(args)
+    recovery = "LoRA (LLM-Pruner budget)" if args.full else f"LoRA {steps_text(args)}"
+    rows: list[dict[str, Any]] = []
+    for model, ratio in args.grid:
+        dense_path = args.run_root / model / "dense" / f"{tag}.json"
+        dense = read_json(dense_path)
+        dense_row = None
+        if dense is not None:
+            dense_row = {"model": model, "ratio": 0.0, "method": "dense", "recovery": "none", "table_ratio": ratio}
+            dense_row |= row_from_eval(dense, args.tasks)
+            dense_row |= {"achieved_ratio": 0.0, "eval_s": Times(dense_path.parent).get(dense_path.name)}
+            dense_row["retention"] = 100.0 if dense_row["average"] else None
+            rows.append(dense_row)
+        for method in args.methods:
+            directory = args.run_root / model / f"r{ratio}" / variant(method, args)
+            times = Times(directory)
+            record = read_json(directory / "model" / "adapruner.json") or {}
+            search_s = None
+            if method == ADAPRUNER:
+                search_s = search_seconds(directory.parent / f"{search_name(args)}-search", args.trials)
+            for kind, eval_name, tuned in (("none", f"{tag}.json", None), (recovery, f"{lora}.{tag}.json", lora)):
+                results = read_json(directory / eval_name)
+                if results is None or (tuned and args.no_finetune):
+                    continue
+                row = {"model": model, "ratio": ratio, "method": method_label(method, args), "recovery": kind}
+                row |= row_from_eval(results, args.tasks)
+                row["achieved_ratio"] = record.get("achieved_ratio")
+                row["search_trials"] = args.trials if method == ADAPRUNER else None
+                row["search_s"] = search_s
+                row["prune_s"] = times.get("prune")
+                row["finetune_s"] = times.get(tuned) if tuned else None
+                row["eval_s"] = times.get(eval_name)
+                reference = dense_row["average"] if dense_row else None
+                row["retention"] = (
+                    100 * row["average"] / reference if row["average"] is not None and reference else None
+                )
+                row["table_ratio"] = ratio
+                rows.append(row)
+    return rows
+
+
+def fmt(value: Any, kind: str) -> str:
+    if value is None:
+        return "–"
+    if kind == "params":
+        return f"{value / 1e6:.1f}M"
+    if kind == "ppl":
+        return f"{value:.2f}"
+    if kind == "acc":
+        return f"{100 * value:.1f}"
+    if kind == "pct":
+        return f"{value:.1f}%"
+    if kind == "s":
+        return f"{value:.0f} s" if value < 600 else f"{value / 60:.0f} min"
+    return str(value)
+
+
+def time_cell(row: dict) -> str:
+    parts = []
+    if row.get("search_s") is not None or row.get("search_trials"):
+        parts.append(f"search {fmt(row.get('search_s'), 's')}")
+    if row["method"] != "dense":
+        parts.append(f"prune {fmt(row.get('prune_s'), 's')}")
+    if row["recovery"] != "none":
+        parts.append(f"LoRA {fmt(row.get('finetune_s'), 's')}")
+    parts.append(f"eval {fmt(row.get('eval_s'), 's')}")
+    return ", ".join(parts)
+
+
+def markdown(args, rows: list[dict[str, Any]]) -> str:
+    lora_text = (
+        f"LLM-Pruner's LoRA budget on `{args.finetune_data}`"
+        if args.full
+        else f"LoRA {steps_text(args)} × 8 examples × {args.cutoff_len} tokens of `{args.finetune_data}`"
+    )
+    lines = [
+        "## Pruning methods compared",
+        "",
+        f"Perplexity: first {args.eval_tokens or 'all'} tokens of each test split, {PPL_SEQ_LEN}-token windows. "
+        + (
+            f"Zero-shot: first {args.limit or 'all'} documents per task (accuracy in %, acc or acc_norm as "
+            "LLM-Pruner reports); retention = average / dense average. "
+            if args.tasks
+            else "No zero-shot tasks. "
+        )
+        + f"Recovery: {lora_text} (the same for every method). AdaPruner: TPE search of {args.trials} trials "
+        "(LLM-Pruner's recipe is trial 0), then `prune --from-run`. Times: wall seconds of each step.",
+    ]
+    task_heads = [TASK_SHORT.get(t, t) for t in args.tasks]
+    for model, ratio in args.grid:
+        mine = [r for r in rows if r["model"] == model and r["table_ratio"] == ratio]
+        lines += ["", f"### {DISPLAY.get(model, model)} at ratio {ratio}", ""]
+        if not mine:
+            lines.append("(no results yet)")
+            continue
+        head = ["method", "recovery", "params", "wiki ppl", "news ppl", *task_heads, "average", "retention", "time"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in mine:
+            cells = [r["method"], r["recovery"], fmt(r["params"], "params")]
+            cells += [fmt(r[f"{s}_ppl"], "ppl") for s in PPL_SOURCES]
+            cells += [fmt(r[t], "acc") for t in args.tasks]
+            cells += [fmt(r["average"], "acc"), fmt(r["retention"], "pct"), time_cell(r)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = [
+    "model",
+    "ratio",
+    "method",
+    "recovery",
+    "params",
+    "achieved_ratio",
+    *(f"{s}_ppl" for s in PPL_SOURCES),
+]
+
+
+def write_csv(path: Path, args, rows: list[dict[str, Any]]) -> None:
+    fields = [*CSV_FIELDS]
+    for task in args.tasks:
+        fields += [task, f"{task}_metric"]
+    fields += ["average", "retention", "search_trials", "search_s", "prune_s", "finetune_s", "eval_s"]
+    fields += ["eval_tokens", "limit", "finetune"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    seen = set()
+    for row in rows:
+        key = (row["model"], row["ratio"], row["method"], row["recovery"])
+        if key in seen:  # the dense row heads every ratio's table, once in the CSV
+            continue
+        seen.add(key)
+        finetune = None if row["recovery"] == "none" else lora_name(args)
+        writer.writerow(row | {"eval_tokens": args.eval_tokens, "limit": args.limit, "finetune": finetune})
+    write_text_atomic(path, buffer.getvalue())
+
+
+def save_figure(fig, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def plot_perplexity(args, rows: list[dict[str, Any]]) -> list[Path]:
+    """Per model: perplexity vs ratio, one line per method; columns without / with LoRA, rows wiki / news."""
+    import matplotlib.pyplot as plt
+
+    written = []
+    recoveries = ["none", *sorted({r["recovery"] for r in rows if r["recovery"] != "none"})]
+    for model in args.models:
+        mine = [r for r in rows if r["model"] == model]
+        dense = next((r for r in mine if r["method"] == "dense"), None)
+        methods = [m for m in dict.fromkeys(r["method"] for r in mine) if m != "dense"]
+        if not methods:
+            continue
+        fig, axes = plt.subplots(
+            len(PPL_SOURCES), len(recoveries), figsize=(5.5 * len(recoveries), 3.8 * len(PPL_SOURCES)), squeeze=False
+        )
+        for i, source in enumerate(PPL_SOURCES):
+            for j, recovery in enumerate(recoveries):
+                ax = axes[i][j]
+                for method in methods:
+                    points = sorted(
+                        (r["ratio"], r[f"{source}_ppl"])
+                        for r in mine
+                        if r["method"] == method and r["recovery"] == recovery and r[f"{source}_ppl"]
+                    )
+                    if dense and dense[f"{source}_ppl"]:
+                        points = [(0.0, dense[f"{source}_ppl"]), *points]
+                    if points:
+                        ax.plot(*zip(*points, strict=True), marker="o", label=method)
+                ax.set_yscale("log")
+                ax.set_xlabel("pruning ratio (fraction of parameters removed)")
+                ax.set_ylabel(f"{source} test perplexity @{PPL_SEQ_LEN}")
+                ax.set_title(f"{DISPLAY.get(model, model)}: {'no recovery' if recovery == 'none' else recovery}")
+                ax.grid(True, which="both", alpha=0.3)
+        axes[0][-1].legend(fontsize=7, loc="upper left")
+        fig.tight_layout()
+        path = args.run_root / f"ppl_vs_ratio_{model}.png"
+        save_figure(fig, path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_retention(args, rows: list[dict[str, Any]]) -> list[Path]:
+    """Per model × ratio: accuracy retention (% of dense) per task, one bar per method; without / with LoRA."""
+    import matplotlib.pyplot as plt
+
+    if not args.tasks:
+        return []
+    written = []
+    labels = [*args.tasks, "average"]
+    for model, ratio in args.grid:
+        mine = [r for r in rows if r["model"] == model and r["table_ratio"] == ratio]
+        dense = next((r for r in mine if r["method"] == "dense"), None)
+        pruned = [r for r in mine if r["method"] != "dense"]
+        if dense is None or not pruned:
+            continue
+        recoveries = list(dict.fromkeys(r["recovery"] for r in pruned))
+        fig, axes = plt.subplots(len(recoveries), 1, figsize=(11, 3.8 * len(recoveries)), squeeze=False)
+        for ax, recovery in zip(axes[:, 0], recoveries, strict=True):
+            group = [r for r in pruned if r["recovery"] == recovery]
+            width = 0.8 / len(group)
+            for k, r in enumerate(group):
+                values = [100 * r[t] / dense[t] if r.get(t) is not None and dense.get(t) else 0.0 for t in labels]
+                xs = [x + (k - (len(group) - 1) / 2) * width for x in range(len(labels))]
+                ax.bar(xs, values, width, label=r["method"])
+            ax.axhline(100, color="black", linewidth=0.8)
+            ax.set_xticks(range(len(labels)), [TASK_SHORT.get(t, t) for t in labels])
+            ax.set_ylabel("accuracy retention (% of dense)")
+            title = "no recovery" if recovery == "none" else recovery
+            ax.set_title(f"{DISPLAY.get(model, model)} at ratio {ratio}: {title}")
+            ax.legend(fontsize=7, ncol=3)
+        fig.tight_layout()
+        path = args.run_root / f"retention_{model}_r{ratio}.png"
+        save_figure(fig, path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def report(args) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    rows = collect_rows(args)
+    args.run_root.mkdir(parents=True, exist_ok=True)
+    text = markdown(args, rows)
+    write_text_atomic(args.run_root / "results.md", text)
+    write_csv(args.run_root / "results.csv", args, rows)
+    plots = plot_perplexity(args, rows) + plot_retention(args, rows)
+    print(
+        f"[compare_methods] wrote results.md, results.csv and {len(plots)} plot(s) to {args.run_root}", file=sys.stderr
+    )
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    runner = Runner(args.dry_run)
+    if not args.report_only:
+        runner = run_all(args)
+    if args.dry_run:
+        print("\n".join(runner.pending) if runner.pending else "nothing to run: every output exists")
+        return 0
+    print(report(args))
+    print(
+        f"[compare_methods] {runner.ran} unit(s) run in {time.perf_counter() - start:.0f} s",
+        file=sys.stderr,
+    )
+    if runner.failures:
+        print("[compare_methods] failed units:\n  " + "\n  ".join(runner.failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""What a search trial costs, split into importance / masking / evaluation, against one evaluation pass.
+
+Runs (or continues) a search on SmolLM2 at ratio 0.2 in a fresh run directory, then reads the per-trial
+timings each trial records (``seconds`` user attribute) and times one plain evaluation pass of the
+dense model over the same validation windows: the floor, since a trial must at least evaluate.
+Targets: median cache-served trial <= 1.5x one evaluation pass; 50 trials on 2 CPU cores <= 15 min.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import optuna
+
+from adapruner.api import PruneConfig
+from adapruner.data import token_stream
+from adapruner.evaluation import perplexity
+from adapruner.models.loading import load_model
+from adapruner.search import search
+
+
+def cache_served(config: dict) -> bool:
+    """True when the trial's scores come from the statistics cache alone (no gradient pass)."""
+    cfg = PruneConfig(
+        model="", ratio=0.2, metric=config["metric"], attention_metric=config["attention_metric"], mix=config["mix"]
+    )
+    return cfg.build_metric().decomposable
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--objective-tokens", type=int, default=4096)
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/bench/search_cost"))
+    parser.add_argument("--keep", action="store_true", help="continue the study in --run-dir instead of a fresh one")
+    args = parser.parse_args()
+
+    if args.run_dir.exists() and not args.keep:
+        shutil.rmtree(args.run_dir)
+    started = time.perf_counter()
+    search(args.model, args.ratio, trials=args.trials, output=args.run_dir, objective_tokens=args.objective_tokens)
+    wall = time.perf_counter() - started
+
+    model, tokenizer = load_model(args.model)
+    valid = token_stream(tokenizer, "wiki", "validation", args.objective_tokens)
+    perplexity(model, valid[:256], 128, progress=False)  # warm-up
+    clock = time.perf_counter()
+    perplexity(model, valid, 128, progress=False)
+    floor = time.perf_counter() - clock
+
+    study = optuna.load_study(study_name="adapruner", storage=f"sqlite:///{(args.run_dir / 'study.db').resolve()}")
+    trials = [t for t in study.trials if "seconds" in t.user_attrs]
+    groups = {
+        "cache-served, completed": [t for t in trials if t.value is not None and cache_served(t.user_attrs["config"])],
+        "gradient pass, completed": [
+            t for t in trials if t.value is not None and not cache_served(t.user_attrs["config"])
+        ],
+        "stopped early (pruner)": [t for t in trials if t.state.name == "PRUNED"],
+    }
+    print(f"{args.model} at ratio {args.ratio}: {len(study.trials)} trials; this run's wall time {wall / 60:.1f} min")
+    print(f"one evaluation pass ({args.objective_tokens} validation tokens @128, dense): {floor:.2f}s\n")
+    print("| trials | n | importance (s) | masking (s) | evaluation (s) | total (s) | total / eval pass |")
+    print("|---|---|---|---|---|---|---|")
+    for name, group in groups.items():
+        if not group:
+            continue
+        parts = {
+            k: statistics.median(t.user_attrs["seconds"].get(k, 0.0) for t in group)
+            for k in ("importance", "masking", "evaluation")
+        }
+        total = statistics.median(sum(t.user_attrs["seconds"].values()) for t in group)
+        print(
+            f"| {name} | {len(group)} | {parts['importance']:.2f} | {parts['masking']:.3f} | "
+            f"{parts['evaluation']:.2f} | {total:.2f} | {total / floor:.2f}x |"
+        )
+    print("\nmedians per group; targets: cache-served total <= 1.5x the evaluation pass, 50 trials <= 15 min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""``adapruner run``: search -> prune -> LoRA recovery -> evaluation, one command, resumable by stage.
+
+Every stage writes its result atomically into the run directory, so a finished stage is recognised by
+its output alone and a rerun skips it (the search stage is itself an Optuna study that continues).
+``stages.json`` keeps the wall time of each stage. With ``baseline`` on (the default) LLM-Pruner's
+recipe is pruned, recovered and evaluated the same way, so the final table shows what the search won.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import AdaPrunerError
+from .pruning.io import read_record, write_json_atomic, write_text_atomic
+from .util import log
+
+SEVEN_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+RECIPE = {"metric": "element1", "aggregation": "sum", "num_samples": 10, "seq_len": 64}
+
+
+@dataclass
+class RunConfig:
+    """Every option of ``adapruner run``; a YAML file may hold any of them (flags win)."""
+
+    model: str
+    ratio: float
+    trials: int = 20
+    sampler: str = "tpe"
+    seed: int = 0
+    search_space: dict[str, Any] = field(default_factory=dict)  # SearchSpace fields
+    pool_per_source: int = 20
+    objective_source: str = "wiki"
+    objective_tokens: int = 4096
+    pruner: str = "percentile"
+    baseline: bool = True  # also prune/recover/evaluate LLM-Pruner's recipe
+    baseline_calibration: str = "books"  # LLM-Pruner's calibration text
+    finetune_data: str | None = "wiki"  # None: no recovery stage
+    finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields, e.g. max_steps
+    ppl: list[str] = field(default_factory=lambda: ["wiki", "news"])
+    seq_len: list[int] = field(default_factory=lambda: [128])
+    eval_tokens: int | None = 40_960
+    tasks: list[str] = field(default_factory=lambda: list(SEVEN_TASKS))
+    limit: int | None = None
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        from .pruning.plan import Budget
+        from .recovery.lora import FinetuneConfig
+        from .search.space import SearchSpace
+
+        Budget(self.ratio)
+        if self.trials < 1:
+            raise AdaPrunerError(f"--trials {self.trials}: give at least 1")
+        SearchSpace(**self.search_space)
+        try:
+            FinetuneConfig(**self.finetune).validate()
+        except TypeError as exc:
+            raise AdaPrunerError(f"unknown fine-tuning option in the run config: {exc}") from None
+        if self.tasks:
+            from .evaluation.zeroshot import check_request
+
+            check_request(self.tasks, self.limit)
+
+
+def load_run_config(path: str | Path | None, **overrides: Any) -> RunConfig:
+    """A RunConfig from a YAML file (keys = RunConfig fields); ``overrides`` that are not None win."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise AdaPrunerError(f"run config {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise AdaPrunerError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        known = {f.name for f in fields(RunConfig)}
+        unknown = sorted(set(data) - known) if isinstance(data, dict) else ["(not a mapping)"]
+        if unknown:
+            raise AdaPrunerError(f"{path}: unknown key(s) {unknown}; known: {', '.join(sorted(known))}")
+    data |= {k: v for k, v in overrides.items() if v is not None}
+    for key in ("model", "ratio"):
+        if key not in data:
+            raise AdaPrunerError(f"the run needs a {key}: give it on the command line or in the config file")
+    cfg = RunConfig(**data)
+    cfg.validate()
+    return cfg
+
+
+class Stages:
+    """Which stages are finished (their output exists) and how long each took (``stages.json``)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.path = run_dir / "stages.json"
+        self.times: dict[str, float] = {}
+        if self.path.is_file():
+            import json
+
+            try:
+                self.times = json.loads(self.path.read_text())
+            except ValueError:
+                self.times = {}  # only timings are lost; outputs decide what is done
+
+    def run(self, name: str, output: Path, action) -> None:
+        if output.exists():
+            log(f"stage {name}: done already ({output})")
+            return
+        log(f"stage {name} ...")
+        start = time.perf_counter()
+        action()
+        self.times[name] = round(time.perf_counter() - start, 1)
+        write_json_atomic(self.path, self.times)
+
+
+def run(cfg: RunConfig, output: str | Path) -> dict[str, Any]:
+    """The whole AdaPruner pipeline into ``output``; returns the paths of the evaluation files."""
+    from . import api
+    from .recovery.lora import finetune
+    from .search import SearchSpace, search
+
+    run_dir = Path(output)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
+    stages = Stages(run_dir)
+    search_dir = run_dir / "search"
+    models = {"dense": cfg.model}
+
+    def do_search() -> None:
+        search(
+            cfg.model,
+            cfg.ratio,
+            trials=cfg.trials,
+            output=search_dir,
+            space=SearchSpace(**cfg.search_space),
+            sampler=cfg.sampler,
+            seed=cfg.seed,
+            pool_per_source=cfg.pool_per_source,
+            objective_source=cfg.objective_source,
+            objective_tokens=cfg.objective_tokens,
+            pruner=cfg.pruner,
+            dtype=cfg.dtype,
+        )
+
+    _search_stage(stages, search_dir, cfg, do_search)
+    if cfg.baseline:
+        target = run_dir / "llm-pruner"
+        stages.run(
+            "prune llm-pruner",
+            target,
+            lambda: api.prune(
+                cfg.model,
+                cfg.ratio,
+                output=target,
+                dtype=cfg.dtype,
+                seed=cfg.seed,
+                calibration=cfg.baseline_calibration,
+                **RECIPE,
+            ),
+        )
+        models["LLM-Pruner recipe"] = str(target)
+    target = run_dir / "adapruner"
+    stages.run("prune adapruner", target, lambda: api.prune(cfg.model, from_run=search_dir, output=target))
+    models["AdaPruner"] = str(target)
+    if cfg.finetune_data:
+        for label in [k for k in models if k != "dense"]:
+            source = Path(models[label])
+            target = source.with_name(f"{source.name}-lora")
+            stages.run(
+                f"finetune {source.name}",
+                target,
+                lambda s=source, t=target: finetune(s, cfg.finetune_data, t, **cfg.finetune),
+            )
+            models[f"{label} + LoRA"] = str(target)
+    evaluations = {}
+    for label, location in models.items():
+        path = run_dir / "eval" / f"{_slug(label)}.json"
+        stages.run(f"evaluate {label}", path, lambda loc=location, p=path, lb=label: _evaluate(cfg, loc, p, lb))
+        evaluations[label] = str(path)
+    write_report(run_dir, cfg, evaluations, stages.times)
+    return evaluations
+
+
+def _search_stage(stages: Stages, search_dir: Path, cfg: RunConfig, action) -> None:
+    """The study continues until it holds ``cfg.trials`` trials; best.json alone does not mean done."""
+    best = search_dir / "best.json"
+    if best.is_file():
+        import json
+
+        if json.loads(best.read_text()).get("finished", 0) >= cfg.trials:
+            log(f"stage search: done already ({search_dir})")
+            return
+        best.unlink()  # rewritten by the continued study
+    stages.run("search", best, action)
+
+
+def _evaluate(cfg: RunConfig, location: str, path: Path, label: str) -> None:
+    from . import api
+
+    results = api.evaluate(
+        location,
+        ppl=cfg.ppl,
+        seq_len=cfg.seq_len,
+        max_tokens=cfg.eval_tokens,
+        tasks=cfg.tasks or None,
+        limit=cfg.limit if cfg.tasks else None,
+        dtype=cfg.dtype,
+    )
+    results["label"] = label
+    write_json_atomic(path, results)
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-").replace("--", "-")
+
+
+def write_report(run_dir: Path, cfg: RunConfig, evaluations: dict[str, str], times: dict[str, float]) -> None:
+    """``report.md`` and a self-contained ``report.html``: comparison, stage times, search plots."""
+    from .api import compare
+
+    table = compare(list(evaluations.values()))
+    search_dir = run_dir / "search"
+    lines = [
+        f"# AdaPruner run: {cfg.model} at ratio {cfg.ratio}",
+        "",
+        f"Search: {cfg.trials} trials ({cfg.sampler}, seed {cfg.seed}); recovery: "
+        + (f"LoRA on `{cfg.finetune_data}` {cfg.finetune or '(LLM-Pruner defaults)'}" if cfg.finetune_data else "none")
+        + f"; zero-shot limit: {cfg.limit or 'all documents'}.",
+        "",
+        "## Results (retention in % of the dense model)",
+        "",
+        table,
+        "",
+        "## Parameters",
+        "",
+    ]
+    for label in evaluations:
+        if label == "dense":
+            continue
+        record = _record(run_dir, label)
+        if record:
+            params = record["params"]
+            lines.append(
+                f"- {label}: {params['pruned']:,} of {params['dense']:,} ({record['achieved_ratio']:.1%} removed)"
+            )
+    lines += ["", "## Stage times", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {seconds:.0f} |" for name, seconds in times.items()]
+    lines += ["", "## Search", "", "See `search/report.md`.", ""]
+    lines += [f"![{name}](search/{name}.png)" for name in ("history", "importances", "kept")]
+    markdown = "\n".join(lines) + "\n"
+    write_text_atomic(run_dir / "report.md", markdown)
+    write_text_atomic(run_dir / "report.html", _html(markdown, search_dir))
+
+
+def _record(run_dir: Path, label: str) -> dict | None:
+    name = {"LLM-Pruner recipe": "llm-pruner", "AdaPruner": "adapruner"}.get(label.replace(" + LoRA", ""))
+    if name is None:
+        return None
+    directory = run_dir / (f"{name}-lora" if label.endswith("+ LoRA") else name)
+    try:
+        return read_record(directory)
+    except AdaPrunerError:
+        return None
+
+
+def _html(markdown: str, search_dir: Path) -> str:
+    """A dependency-free rendering: tables become <table>, plots are embedded as data URIs."""
+    body: list[str] = []
+    rows: list[list[str]] = []
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not set("".join(cells)) <= set("-: "):
+                rows.append(cells)
+            continue
+        if rows:
+            head, *rest = rows
+            body.append(
+                "<table><tr>"
+                + "".join(f"<th>{c}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rest)
+                + "</table>"
+            )
+            rows = []
+        if line.startswith("!["):
+            name = line[2 : line.index("]")]
+            png = search_dir / f"{name}.png"
+            if png.is_file():
+                data = base64.b64encode(png.read_bytes()).decode()
+                body.append(f'<img alt="{name}" src="data:image/png;base64,{data}" style="max-width:100%">')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{line.lstrip('#').strip()}</h{level}>")
+        elif line.strip():
+            body.append(f"<p>{line}</p>")
+    style = "body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{border:1px solid #ccc;padding:3px 6px}"
+    head = f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head>"
+    return f"{head}<body>{''.join(body)}</body></html>"

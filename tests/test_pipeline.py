@@ -1,0 +1,87 @@
+"""`adapruner run` on a tiny model: every stage runs once, a rerun skips them, the report is complete."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from adapruner import AdaPrunerError
+from adapruner.pipeline import load_run_config, run
+
+
+def tiny_run_config(root, **overrides):
+    corpus = str(root / "corpus.txt")
+    options = {
+        "model": str(root / "tiny"),
+        "ratio": 0.2,
+        "trials": 2,
+        "search_space": {"sources": [corpus], "num_samples": [4, 10], "metrics": ["element1", "l2"]},
+        "pool_per_source": 10,
+        "objective_source": corpus,
+        "objective_tokens": 512,
+        "baseline_calibration": corpus,
+        "finetune_data": corpus,
+        "finetune": {"max_steps": 2, "cutoff_len": 32, "val_set_size": 0, "warmup_steps": 0, "batch_size": 4},
+        "ppl": [corpus],
+        "seq_len": [16],
+        "eval_tokens": 512,
+        "tasks": [],
+    }
+    return load_run_config(None, **(options | overrides))
+
+
+def test_run_does_every_stage_once_and_reports(tiny_model_dir, monkeypatch):
+    root = tiny_model_dir
+    cfg = tiny_run_config(root)
+    evaluations = run(cfg, root / "run")
+    assert list(evaluations) == [
+        "dense",
+        "LLM-Pruner recipe",
+        "AdaPruner",
+        "LLM-Pruner recipe + LoRA",
+        "AdaPruner + LoRA",
+    ]
+    results = {label: json.loads(Path(path).read_text()) for label, path in evaluations.items()}
+    dense = results["dense"]["params"]
+    for label, result in results.items():
+        assert result["label"] == label
+        if label != "dense":
+            assert result["params"] == pytest.approx(0.8 * dense, rel=0.03)
+    ft = json.loads((root / "run" / "adapruner-lora" / "adapruner.json").read_text())
+    assert "finetune" in ft and ft["search"]["run"] == str(root / "run" / "search")
+    report = (root / "run" / "report.md").read_text()
+    for label in evaluations:
+        assert f"| {label} " in report or f"{label} |" in report or label in report
+    assert "Stage times" in report and "<table>" in (root / "run" / "report.html").read_text()
+    times = json.loads((root / "run" / "stages.json").read_text())
+    assert {"search", "prune adapruner", "finetune adapruner", "evaluate AdaPruner + LoRA"} <= set(times)
+
+    # a rerun finds every stage done: nothing is recomputed (no stage may run again)
+    import adapruner.pipeline as pipeline
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(pipeline, "_evaluate", fail)
+    monkeypatch.setattr("adapruner.api.prune", fail)
+    run(cfg, root / "run")
+    assert json.loads((root / "run" / "stages.json").read_text()) == times
+
+
+def test_run_config_errors(tmp_path):
+    with pytest.raises(AdaPrunerError, match="needs a ratio"):
+        load_run_config(None, model="x")
+    with pytest.raises(AdaPrunerError, match="outside"):
+        load_run_config(None, model="x", ratio=1.5)
+    path = tmp_path / "run.yaml"
+    path.write_text("model: x\nratio: 0.2\ntrails: 3\n")
+    with pytest.raises(AdaPrunerError, match="unknown key"):
+        load_run_config(path)
+    path.write_text("model: x\nratio: 0.2\nfinetune: {rank: 3}\n")
+    with pytest.raises(AdaPrunerError, match="fine-tuning option"):
+        load_run_config(path)
+    path.write_text("model: x\nratio: 0.2\ntasks: [boolq, nosuchtask]\nlimit: 5\n")
+    with pytest.raises(AdaPrunerError, match="nosuchtask"):
+        load_run_config(path)
