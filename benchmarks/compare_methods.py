@@ -554,11 +554,19 @@ def write_csv(path: Path, args, rows: list[dict[str, Any]]) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
+def readable(path: Path) -> None:
+    """Temporary files are created 0600; give the outputs the usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_figure(fig, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        readable(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -653,6 +661,8 @@ def report(args) -> str:
     text = markdown(args, rows)
     write_text_atomic(args.run_root / "results.md", text)
     write_csv(args.run_root / "results.csv", args, rows)
+    for name in ("results.md", "results.csv"):
+        readable(args.run_root / name)
     plots = plot_perplexity(args, rows) + plot_retention(args, rows)
     print(
         f"[compare_methods] wrote results.md, results.csv and {len(plots)} plot(s) to {args.run_root}", file=sys.stderr
