@@ -85,3 +85,17 @@ def test_run_config_errors(tmp_path):
     path.write_text("model: x\nratio: 0.2\ntasks: [boolq, nosuchtask]\nlimit: 5\n")
     with pytest.raises(AdaPrunerError, match="nosuchtask"):
         load_run_config(path)
+
+
+def test_run_cli_refuses_a_bad_config_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from adapruner.cli import app
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model: x\nratio: 0.2\ntrails: 3\n")
+    result = CliRunner().invoke(app, ["run", "--config", str(path), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "unknown key(s) ['trails']" in result.output
+    result = CliRunner().invoke(app, ["run", "x", "--ratio", "2", "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "outside (0, 1)" in result.output
+    assert not (tmp_path / "out").exists()

@@ -524,7 +524,7 @@ def run_pipeline(
     if max_steps is not None:
         cfg.finetune = cfg.finetune | {"max_steps": max_steps}
     run(cfg, output)
-    out.print((output / "report.md").read_text())
+    print((output / "report.md").read_text())  # plain: the markdown holds [..] that rich would read as markup
 
 
 def main() -> None:
