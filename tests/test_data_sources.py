@@ -173,8 +173,8 @@ def test_connection_errors_are_recognised_through_the_cause_chain() -> None:
         except ConnectionError as inner:
             raise RuntimeError("load failed") from inner
     except RuntimeError as outer:
-        assert sources._is_connection_error(outer)
-    assert not sources._is_connection_error(ValueError("bad config"))
+        assert sources.is_connection_error(outer)
+    assert not sources.is_connection_error(ValueError("bad config"))
 
 
 def test_available_sources_are_documented() -> None:

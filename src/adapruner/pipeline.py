@@ -9,8 +9,9 @@ recipe is pruned, recovered and evaluated the same way, so the final table shows
 from __future__ import annotations
 
 import base64
+import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import yaml
 
 from .errors import AdaPrunerError
 from .pruning.io import read_record, write_json_atomic, write_text_atomic
-from .util import log
+from .util import log, read_options_file
 
 SEVEN_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 RECIPE = {"metric": "element1", "aggregation": "sum", "num_samples": 10, "seq_len": 64}
@@ -70,19 +71,7 @@ class RunConfig:
 
 def load_run_config(path: str | Path | None, **overrides: Any) -> RunConfig:
     """A RunConfig from a YAML file (keys = RunConfig fields); ``overrides`` that are not None win."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise AdaPrunerError(f"run config {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise AdaPrunerError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
-        known = {f.name for f in fields(RunConfig)}
-        unknown = sorted(set(data) - known) if isinstance(data, dict) else ["(not a mapping)"]
-        if unknown:
-            raise AdaPrunerError(f"{path}: unknown key(s) {unknown}; known: {', '.join(sorted(known))}")
+    data = read_options_file(path, RunConfig, "run config") if path is not None else {}
     data |= {k: v for k, v in overrides.items() if v is not None}
     for key in ("model", "ratio"):
         if key not in data:
@@ -100,8 +89,6 @@ class Stages:
         self.path = run_dir / "stages.json"
         self.times: dict[str, float] = {}
         if self.path.is_file():
-            import json
-
             try:
                 self.times = json.loads(self.path.read_text())
             except ValueError:
@@ -190,8 +177,6 @@ def _search_stage(stages: Stages, search_dir: Path, cfg: RunConfig, action) -> N
     """The study continues until it holds ``cfg.trials`` trials; best.json alone does not mean done."""
     best = search_dir / "best.json"
     if best.is_file():
-        import json
-
         if json.loads(best.read_text()).get("finished", 0) >= cfg.trials:
             log(f"stage search: done already ({search_dir})")
             return

@@ -202,13 +202,13 @@ def _load_hub(source: str, split: str) -> list[str]:
     try:
         rows = datasets.load_dataset(spec.path, spec.name, split=hub_split, **kwargs)
     except Exception as error:
-        if _is_connection_error(error):
+        if is_connection_error(error):
             raise _offline_error(source) from error
         raise AdaPrunerError(f"could not load source '{source}' from the hub: {error}") from error
     return [text for text in rows[spec.text_field] if text.strip()]
 
 
-def _is_connection_error(error: BaseException | None) -> bool:
+def is_connection_error(error: BaseException | None) -> bool:
     """True when ``error`` or anything it was raised from looks like a network failure."""
     markers = ("connect", "offline", "timeout", "resolve", "network")
     while error is not None:

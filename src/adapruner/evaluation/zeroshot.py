@@ -33,6 +33,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..data.sources import is_connection_error
 from ..errors import AdaPrunerError, OfflineError
 from ..paths import data_dir
 
@@ -198,7 +199,7 @@ def zero_shot(
                 fewshot_random_seed=seed,
             )
         except Exception as error:
-            if source == "hub" and _is_connection_error(error):
+            if source == "hub" and is_connection_error(error):
                 raise OfflineError(
                     "zero-shot tasks from the hub need the Hugging Face hub, which is not reachable: "
                     "use the offline tasks (the default, after `adapruner assets fetch data`)"
@@ -414,17 +415,6 @@ def _quiet_lm_eval() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
-
-
-def _is_connection_error(error: BaseException | None) -> bool:
-    markers = ("connect", "offline", "timeout", "resolve", "network")
-    while error is not None:
-        if isinstance(error, (ConnectionError, TimeoutError)):
-            return True
-        if any(marker in type(error).__name__.lower() for marker in markers):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
 
 
 # --- lm-eval task hooks, referenced by the shipped YAMLs (copies of lm-eval's task utils) ---------

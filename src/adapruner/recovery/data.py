@@ -161,7 +161,7 @@ def _check_record(where: str, row: Any) -> dict[str, str]:
 
 def load_alpaca_hub() -> list[dict[str, str]]:
     """``yahma/alpaca-cleaned`` from the hub (optional ``datasets`` package)."""
-    from ..data.sources import _hub_disabled, _is_connection_error
+    from ..data.sources import _hub_disabled, is_connection_error
 
     hint = "pass a local Alpaca .json/.jsonl file (or a text source such as wiki) with --data"
     if _hub_disabled():
@@ -175,7 +175,7 @@ def load_alpaca_hub() -> list[dict[str, str]]:
     try:
         rows = datasets.load_dataset(ALPACA_HUB, split="train")
     except Exception as error:
-        if _is_connection_error(error):
+        if is_connection_error(error):
             raise OfflineError(f"{ALPACA_HUB} cannot be downloaded (the hub is not reachable): {hint}") from error
         raise AdaPrunerError(f"could not load {ALPACA_HUB} from the hub: {str(error).splitlines()[0]}") from error
     return [_check_record(f"{ALPACA_HUB}[{i}]", dict(row)) for i, row in enumerate(rows)]

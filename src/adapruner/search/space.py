@@ -7,14 +7,14 @@ allocation (attention share, depth profile, global ranking) belongs to the metri
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 
 from ..errors import AdaPrunerError
+from ..util import read_options_file
 
 SPACES = ("joint", "data", "metric")
 WINDOW_STATS = ("none", "loss", "grad_norm")
@@ -104,17 +104,7 @@ RANGES = ("attention_scale", "depth_slope", "depth_bend")
 
 def load_space(path: str | Path, **overrides: Any) -> SearchSpace:
     """A SearchSpace from a YAML file whose keys are SearchSpace fields; ``overrides`` (CLI flags) win."""
-    path = Path(path)
-    if not path.is_file():
-        raise AdaPrunerError(f"search space file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise AdaPrunerError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
-    known = {f.name for f in fields(SearchSpace)}
-    unknown = sorted(set(data) - known) if isinstance(data, dict) else ["(not a mapping)"]
-    if unknown:
-        raise AdaPrunerError(f"{path}: unknown key(s) {unknown}; known: {', '.join(sorted(known))}")
+    data = read_options_file(path, SearchSpace, "search space file")
     return SearchSpace(**(data | {k: v for k, v in overrides.items() if v is not None}))
 
 
