@@ -78,6 +78,7 @@ from typing import Any
 from adapruner import api
 from adapruner.assets import MODELS as ASSET_MODELS
 from adapruner.assets import fetch, model_dir
+from adapruner.data.pool import DEFAULT_POOL_PER_SOURCE
 from adapruner.errors import AdaPrunerError
 from adapruner.methods import METHODS
 from adapruner.pipeline import SEVEN_TASKS
@@ -118,7 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated subset of {', '.join([*METHODS, ADAPRUNER])}",
     )
     parser.add_argument("--trials", type=int, default=20, help="AdaPruner's search budget (trials per study)")
-    parser.add_argument("--pool-per-source", type=int, default=20, help="search pool windows per source")
+    parser.add_argument(
+        "--pool-per-source", type=int, default=DEFAULT_POOL_PER_SOURCE, help="search pool windows per source"
+    )
     parser.add_argument("--objective-tokens", type=int, default=4096, help="validation tokens per search trial")
     parser.add_argument("--finetune-steps", type=int, default=10, help="LoRA optimizer steps (8 examples each)")
     parser.add_argument("--cutoff-len", type=int, default=128, help="tokens per LoRA training example")
@@ -128,6 +131,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", default=",".join(SEVEN_TASKS), help="zero-shot tasks, or 'none'")
     parser.add_argument("--limit", type=int, default=5, help="documents per zero-shot task")
     parser.add_argument("--batch-size", type=int, default=8, help="evaluation batch size")
+    parser.add_argument(
+        "--retention-limit",
+        type=int,
+        default=50,
+        help="documents per task of the zero-shot retention check (0: no check)",
+    )
+    parser.add_argument(
+        "--retention-grid",
+        default="smollm2-135m@0.2",
+        help="model@ratio pairs of the retention check (dense, AdaPruner and the best baseline, recovered)",
+    )
     parser.add_argument(
         "--full",
         action="store_true",
@@ -154,6 +168,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.limit, args.eval_tokens = None, None
     if not args.tasks:
         args.limit = None
+    args.retention = []
+    if args.retention_limit and args.tasks and not args.full:
+        for pair in (p.strip() for p in args.retention_grid.split(",") if p.strip()):
+            model, _, ratio = pair.partition("@")
+            if (model, float(ratio or 0)) in args.grid:
+                args.retention.append((model, float(ratio)))
     for name in ("trials", "finetune_steps", "pool_per_source", "objective_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -193,7 +213,7 @@ def eval_tag(args) -> str:
 def search_name(args) -> str:
     """The study's directory: the search settings other than the budget (defaults: not named)."""
     name = ADAPRUNER
-    if args.pool_per_source != 20:
+    if args.pool_per_source != DEFAULT_POOL_PER_SOURCE:
         name += f"-pool{args.pool_per_source}"
     if args.objective_tokens != 4096:
         name += f"-obj{args.objective_tokens}"
@@ -388,7 +408,106 @@ def run_all(args) -> Runner:
                     run_method(runner, args, model, ratio, method)
                 except AdaPrunerError as exc:  # e.g. a study with more trials than asked
                     runner.failures.append(f"{model} r{ratio} {method}: {exc}")
+    for model, ratio in args.retention:
+        run_retention(runner, args, model, ratio)
     return runner
+
+
+# --- zero-shot retention check ----------------------------------------------------------------------
+
+
+def retention_tag(args) -> str:
+    tag = f"zs-lim{args.retention_limit}"
+    return tag if list(args.tasks) == list(SEVEN_TASKS) else tag + "-" + "+".join(slug(t) for t in args.tasks)
+
+
+def recovered(args, directory: Path) -> tuple[Path, str]:
+    """The model a method's retention row evaluates (recovered unless --no-finetune) and its file prefix."""
+    if args.no_finetune:
+        return directory / "model", "model"
+    return directory / lora_name(args), lora_name(args)
+
+
+def best_baseline(args, model: str, ratio: float) -> str | None:
+    """The baseline with the lowest wiki test perplexity after recovery (before it, with --no-finetune)."""
+    rows = [
+        r
+        for r in collect_rows(args)
+        if r["model"] == model
+        and r["ratio"] == ratio
+        and r["method"] in METHODS
+        and (r["recovery"] == "none") == args.no_finetune
+        and r["wiki_ppl"] is not None
+    ]
+    return min(rows, key=lambda r: r["wiki_ppl"])["method"] if rows else None
+
+
+def retention_methods(args, model: str, ratio: float) -> list[str]:
+    methods = [ADAPRUNER] if ADAPRUNER in args.methods else []
+    baseline = best_baseline(args, model, ratio)
+    return methods + ([baseline] if baseline else [])
+
+
+def run_retention(runner: Runner, args, model: str, ratio: float) -> None:
+    """Zero-shot only, on more documents: dense, AdaPruner and the strongest baseline (all recovered)."""
+    tag = retention_tag(args)
+
+    def unit(name: str, target: str | Path, output: Path, times: Times, needs: list[Path]) -> None:
+        def action() -> None:
+            api.evaluate(
+                str(target),
+                ppl=[],
+                tasks=args.tasks,
+                limit=args.retention_limit,
+                batch_size=args.batch_size,
+                output=output,
+            )
+
+        runner.unit(f"retention check {name}", output.is_file(), timed(times, output.name, action), needs)
+
+    dense = args.run_root / model / "dense"
+    unit(f"{model} dense", model, dense / f"{tag}.json", Times(dense), [])
+    for method in retention_methods(args, model, ratio):
+        directory = args.run_root / model / f"r{ratio}" / variant(method, args)
+        target, prefix = recovered(args, directory)
+        unit(
+            f"{model} r{ratio} {variant(method, args)}",
+            target,
+            directory / f"{prefix}.{tag}.json",
+            Times(directory),
+            [target],
+        )
+
+
+def retention_markdown(args) -> str:
+    tag = retention_tag(args)
+    lines = []
+    for model, ratio in args.retention:
+        dense = read_json(args.run_root / model / "dense" / f"{tag}.json")
+        rows = [("dense", dense)]
+        for method in retention_methods(args, model, ratio):
+            directory = args.run_root / model / f"r{ratio}" / variant(method, args)
+            _, prefix = recovered(args, directory)
+            rows.append((method_label(method, args), read_json(directory / f"{prefix}.{tag}.json")))
+        recovery = "no recovery" if args.no_finetune else f"LoRA {steps_text(args)}"
+        lines += [
+            "",
+            f"### Zero-shot retention check: {DISPLAY.get(model, model)} at ratio {ratio} ({recovery}), "
+            f"first {args.retention_limit} documents per task",
+            "",
+        ]
+        head = ["model", *(TASK_SHORT.get(t, t) for t in args.tasks), "average", "retention"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        reference = (dense or {}).get("zero_shot", {}).get("average")
+        for label, results in rows:
+            if results is None:
+                lines.append(f"| {label} | " + " | ".join("–" for _ in head[1:]) + " |")
+                continue
+            row = row_from_eval(results, args.tasks)
+            retention = 100 * row["average"] / reference if reference and row["average"] is not None else None
+            cells = [label, *(fmt(row[t], "acc") for t in args.tasks), fmt(row["average"], "acc")]
+            lines.append("| " + " | ".join([*cells, fmt(retention, "pct")]) + " |")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 # --- report -----------------------------------------------------------------------------------------
@@ -658,7 +777,7 @@ def report(args) -> str:
     matplotlib.use("Agg")
     rows = collect_rows(args)
     args.run_root.mkdir(parents=True, exist_ok=True)
-    text = markdown(args, rows)
+    text = markdown(args, rows) + retention_markdown(args)
     write_text_atomic(args.run_root / "results.md", text)
     write_csv(args.run_root / "results.csv", args, rows)
     for name in ("results.md", "results.csv"):

@@ -6,8 +6,9 @@ method runs its own study in ``RUN_ROOT/r{ratio}/{method}/seed{seed}`` (rerunnin
 finished work instead of redoing it), the winner is pruned physically with ``prune --from-run``, and
 its perplexity is measured on the *test* splits, which the search never sees. LLM-Pruner's recipe is
 trial 0 of every study (same seed, same pool). Prints one table per ratio: mean ± half-range over
-seeds, and the reduction against the recipe (targets: >= 25% at 0.2, >= 40% at 0.5; joint TPE <
-random search).
+seeds, the change against the recipe (targets: >= 25% lower at 0.2, >= 40% at 0.5; joint TPE <
+random search) and, per method, on how many seeds it beats random search. FLAP (``prune --method
+flap``) is a reference row: the strongest published recipe here, and a warm start of the joint space.
 """
 
 from __future__ import annotations
@@ -70,14 +71,20 @@ def run_method(args, ratio: float, method: str, seed: int, run_dir: Path, tokens
     return row
 
 
-def run_recipe(args, ratio: float, seed: int, run_dir: Path, tokens) -> dict:
-    """LLM-Pruner's recipe as users run it: element1, sum, 10 books windows of 64 tokens drawn with ``seed``."""
+RECIPES = {  # row name -> `adapruner prune --method` preset, pruned as users run it
+    "LLM-Pruner recipe": "llm-pruner-element1",  # element1, sum, 10 books windows of 64 tokens
+    "FLAP": "flap",  # WIFV, joint ranking over all layers, bias compensation, 128 wiki windows of 128 tokens
+}
+
+
+def run_recipe(args, ratio: float, seed: int, run_dir: Path, tokens, name: str = "LLM-Pruner recipe") -> dict:
+    """A published method as users run it (``prune --method``), calibration drawn with ``seed``."""
     done = run_dir / "test.json"
     if done.is_file():
         return json.loads(done.read_text())
     started = time.perf_counter()
-    pruned = prune(args.model, ratio, metric="element1", calibration="books", num_samples=10, seq_len=64, seed=seed)
-    row = {"method": "LLM-Pruner recipe", "seed": seed, "ratio": ratio, "validation": None}
+    pruned = prune(args.model, ratio, method=RECIPES[name], seed=seed)
+    row = {"method": name, "seed": seed, "ratio": ratio, "validation": None}
     row |= {"test": test_perplexities(pruned.model, tokens, args.seq_len)}
     row["search_seconds"] = round(time.perf_counter() - started, 1)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -93,27 +100,43 @@ def spread(values: list[float | None]) -> str:
     return f"{mean:.1f} ± {half_range:.1f}"
 
 
+def change_cells(mine: list[dict], reference: list[dict], sources: list[str]) -> list[str]:
+    """Mean test perplexity against the reference's mean, per source (negative = lower = better)."""
+    if not reference or mine is reference:
+        return ["—"] * len(sources)
+    cells = []
+    for s in sources:
+        ref = statistics.fmean(r["test"][s] for r in reference)
+        cells.append(f"{100 * (statistics.fmean(r['test'][s] for r in mine) / ref - 1):+.0f}%")
+    return cells
+
+
+def paired_wins(rows: list[dict], method: str, other: str, source: str) -> str:
+    """Seeds on which ``method`` has the lower test perplexity than ``other`` (same seed, same pool)."""
+    mine = {r["seed"]: r["test"][source] for r in rows if r["method"] == method}
+    theirs = {r["seed"]: r["test"][source] for r in rows if r["method"] == other}
+    seeds = sorted(mine.keys() & theirs.keys())
+    return f"{sum(mine[k] < theirs[k] for k in seeds)}/{len(seeds)}" if seeds else "—"
+
+
 def print_table(ratio: float, rows: list[dict], sources: list[str]) -> None:
     print(f"\n### SmolLM2 at ratio {ratio}: test perplexity @128 (mean ± half-range over seeds)\n")
-    head = "| method | seeds | validation | " + " | ".join(f"{s} test" for s in sources)
-    print(head + " | vs recipe (" + sources[0] + ") | search time |")
-    print("|---" * (5 + len(sources)) + "|")
+    head = ["method", "seeds", "validation", *(f"{s} test" for s in sources)]
+    head += [f"{s} vs recipe" for s in sources] + [f"{sources[0]}: seeds better than random", "time"]
+    print("| " + " | ".join(head) + " |")
+    print("|---" * len(head) + "|")
     recipe = [r for r in rows if r["method"] == "LLM-Pruner recipe"]
-    recipe_mean = statistics.fmean(r["test"][sources[0]] for r in recipe) if recipe else float("nan")
-    for method in ["LLM-Pruner recipe", *METHODS]:
+    for method in [*RECIPES, *METHODS]:
         mine = [r for r in rows if r["method"] == method]
         if not mine:
             continue
-        cells = [spread([r["test"][s] for r in mine]) for s in sources]
-        mean = statistics.fmean(r["test"][sources[0]] for r in mine)
-        change = f"{100 * (1 - mean / recipe_mean):+.0f}%" if method != "LLM-Pruner recipe" else "—"
+        cells = [method, str(len(mine)), spread([r["validation"] for r in mine])]
+        cells += [spread([r["test"][s] for r in mine]) for s in sources]
+        cells += change_cells(mine, recipe if method != "LLM-Pruner recipe" else mine, sources)
+        cells.append(paired_wins(rows, method, "random", sources[0]) if method != "random" else "—")
         seconds = [r.get("search_seconds") for r in mine if r.get("search_seconds")]
-        time_cell = f"{statistics.fmean(seconds) / 60:.1f} min" if seconds else "—"  # recipe: pruning time
-        print(
-            f"| {method} | {len(mine)} | {spread([r['validation'] for r in mine])} | "
-            + " | ".join(cells)
-            + f" | {change} | {time_cell} |"
-        )
+        cells.append(f"{statistics.fmean(seconds) / 60:.1f} min" if seconds else "—")  # recipes: pruning time
+        print("| " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -121,8 +144,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ratios", default="0.2,0.5")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--trials", type=int, default=24, help="trials per study (equal for every method)")
+    parser.add_argument("--trials", type=int, default=20, help="trials per study (equal for every method)")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--no-flap", action="store_true", help="skip the FLAP reference rows")
     parser.add_argument("--objective-tokens", type=int, default=4096)
     parser.add_argument("--pruner", default="percentile")
     parser.add_argument("--test-sources", default="wiki,news")
@@ -139,6 +163,9 @@ def main() -> None:
         rows = []
         for seed in map(int, args.seeds.split(",")):
             rows.append(run_recipe(args, ratio, seed, args.run_root / f"r{ratio}" / "recipe" / f"seed{seed}", tokens))
+            if not args.no_flap:
+                flap_dir = args.run_root / f"r{ratio}" / "flap" / f"seed{seed}"
+                rows.append(run_recipe(args, ratio, seed, flap_dir, tokens, "FLAP"))
             for method in args.methods.split(","):
                 run_dir = args.run_root / f"r{ratio}" / method.replace(" ", "-") / f"seed{seed}"
                 rows.append(run_method(args, ratio, method, seed, run_dir, tokens))

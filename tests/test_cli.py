@@ -83,6 +83,8 @@ def test_l2_needs_no_calibration(tiny_model_dir):
         (["--num-samples", "5000"], "windows of 16 tokens"),
         (["--calibration", "missing.txt"], "missing.txt"),
         (["--calibration", "nosuchsource"], "unknown"),
+        (["--metric", "wanda_sp", "--activation-calibration", "8by16"], "must look like 128x128"),
+        (["--metric", "wanda_sp", "--activation-calibration", "5000x16"], "windows of 16 tokens"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tiny_model_dir, extra, message):
@@ -320,3 +322,19 @@ def test_search_then_prune_from_run(tiny_model_dir):
     result = run("search", root / "tiny", "--ratio", "0.15", "--output", root / "run2", "--space", "both")
     assert result.exit_code == 2 and "unknown --space" in result.output
     assert run("prune", root / "tiny", "--output", root / "x").exit_code == 2
+
+
+def test_activation_statistics_from_fresh_windows(tiny_model_dir):
+    """--activation-calibration draws its own windows for activation statistics; gradients keep theirs."""
+    root = tiny_model_dir
+    from adapruner import load_pruned
+
+    biases = {}
+    for name, extra in (("same", []), ("fresh", ["--activation-calibration", "12x16"])):
+        out = root / name
+        result = run(*prune_args(root, "--metric", "wanda_sp", "--compensate", "--output", out, *extra))
+        assert result.exit_code == 0, result.output
+        record = json.loads((out / "adapruner.json").read_text())
+        biases[name] = load_pruned(out).model.layers[1].mlp.down_proj.bias.detach()
+    assert record["config"]["activation_calibration"] == "12x16"
+    assert not biases["same"].allclose(biases["fresh"])  # the compensation reads other activations

@@ -306,3 +306,54 @@ def test_cli_unknown_method_is_one_line(tiny_model_dir):
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "unknown method 'obs'" in errors[0] and "flap" in errors[0]
     assert not (root / "out").exists()
+
+
+def _plan_with_knobs(model, scores, ranking: str, **knobs):
+    from adapruner.api import PruneConfig, plan_for_scores
+
+    cfg = PruneConfig(model="", ratio=0.25, head_mode="kv-group", ranking=ranking, layers="1:5", **knobs)
+    return plan_for_scores(model, scores, cfg.budget((1, 5)), cfg)[0]
+
+
+@pytest.mark.parametrize("ranking", ["global", "global-all"])
+def test_allocation_knobs_act_on_cross_layer_rankings(ranking):
+    """Depth profile and attention scale still decide where the cut falls when units compete across layers."""
+    from adapruner.pruning.plan import allocation_offsets
+
+    model = make_tiny("llama-mha", layers=6)
+    adapter = get_adapter(model)
+    scores = _normal_scores(adapter, "kv-group")
+    neutral = _plan_with_knobs(model, scores, ranking)
+    assert allocation_offsets(scores, Budget(0.25, (1, 5)), ranking) is scores  # FLAP's ranking untouched
+    deep = _plan_with_knobs(model, scores, ranking, depth_slope=2.0)
+    shallow = _plan_with_knobs(model, scores, ranking, depth_slope=-2.0)
+
+    def removed(plan, layers):
+        return sum(adapter.layer_shape(i).intermediate_size - plan.layers[i].shape.intermediate_size for i in layers)
+
+    assert removed(deep, (3, 4)) > removed(neutral, (3, 4)) > removed(shallow, (3, 4))
+    assert removed(deep, (1, 2)) < removed(shallow, (1, 2))
+    dense = count_params(model)
+    counts = {planned_param_count(adapter, p, dense) for p in (neutral, deep, shallow)}
+    attn = attention_group(adapter, 1, "kv-group")
+    largest_step = max(attn.params_per_unit * attn.blocks, mlp_group(adapter, 1).params_per_unit)
+    assert max(counts) - min(counts) <= 2 * largest_step  # the ratio still holds
+
+
+def test_attention_scale_sets_the_head_share_of_the_joint_ranking():
+    model = make_tiny("llama-mha", layers=6)
+    adapter = get_adapter(model)
+    scores = _normal_scores(adapter, "kv-group")
+
+    def heads_removed(plan):
+        return sum(
+            adapter.layer_shape(i).num_attention_heads - plan.layers[i].shape.num_attention_heads for i in range(6)
+        )
+
+    whole = _plan_with_knobs(model, scores, "global-all", attention_scale=0.0)
+    assert heads_removed(whole) == 0
+    less = _plan_with_knobs(model, scores, "global-all", attention_scale=0.5)
+    neutral = _plan_with_knobs(model, scores, "global-all")
+    more = _plan_with_knobs(model, scores, "global-all", attention_scale=2.0)
+    assert heads_removed(less) <= heads_removed(neutral) <= heads_removed(more)
+    assert heads_removed(less) < heads_removed(more)

@@ -138,6 +138,14 @@ def test_trial_left_running_by_a_killed_process_is_retried_not_counted_twice(tin
         ("metrics: [element1, taylor9]\n", "unknown metric"),
         ("seq_lens: [32]\n", "must include 64"),
         ("attention_scale: [-1, 1]\n", "attention_scale must be >= 0"),
+        ("rankings: [layer, everywhere]\n", "unknown ranking"),
+        ("rankings: [global]\n", "must include layer"),
+        ("compensate: [yes-please]\n", "must list true and/or false"),
+        ("compensate: [true]\n", "must include False"),
+        ("layer_ranges: ['0:']\n", "must include default"),
+        ("layer_ranges: [default, 0:]\n", "quote them in YAML"),
+        ("layer_ranges: [default, four-to-eight]\n", "START:END"),
+        ("warm_starts: [sparsegpt]\n", "unknown warm start"),
     ],
 )
 def test_bad_space_files_are_refused(tmp_path, text, message):
@@ -183,7 +191,10 @@ def _tiny_objective(root):
     cache = StatisticsCache(model, pool, get_adapter(model).projection_names(range(1, 3)), directory=root / "stats")
     valid = token_stream(tokenizer, corpus, "validation", 512)
     space = SearchSpace(sources=[corpus], num_samples=[4, 10])
-    return Objective(model, 0.2, (1, 3), "auto", pool, cache, space, valid, 16), valid
+    ranges = {"default": (1, 3), "0:": (0, 4)}
+    cache = StatisticsCache(model, pool, get_adapter(model).projection_names(range(0, 4)), directory=root / "stats")
+    space = SearchSpace(sources=[corpus], num_samples=[4, 10], layer_ranges=list(ranges))
+    return Objective(model, 0.2, ranges, "auto", pool, cache, space, valid, 16), valid
 
 
 def test_objective_reports_partial_perplexity_and_equals_the_full_pass(tiny_model_dir):
@@ -202,7 +213,8 @@ def test_objective_reports_partial_perplexity_and_equals_the_full_pass(tiny_mode
     study.optimize(objective, n_trials=1)
     trial = study.trials[0]
     assert sorted(trial.intermediate_values) == [0, 1, 2]
-    plan, _ = objective.plan_for(_config_of(trial))
+    plan, _, means = objective.plan_for(_config_of(trial))
+    assert means is None
     with masked(get_adapter(objective.model), plan):
         expected = perplexity(objective.model, valid, 16, progress=False)
     assert trial.value == pytest.approx(expected, rel=1e-6)
@@ -220,3 +232,123 @@ def _config_of(trial):
     config = dict(trial.user_attrs["config"])
     config["sources"] = tuple(config["sources"])
     return TrialConfig(**config)
+
+
+def test_compensated_joint_trial_on_every_layer_equals_the_physically_pruned_model(tiny_model_dir):
+    """FLAP's choices inside the search (bias compensation, joint ranking, all layers) score what prune gives."""
+    import copy
+
+    import optuna
+
+    from adapruner.evaluation import perplexity
+    from adapruner.models import get_adapter
+    from adapruner.pruning import prune_physically
+    from adapruner.search.space import baseline_params
+
+    objective, valid = _tiny_objective(tiny_model_dir)
+    params = baseline_params(objective.space) | {"metric": "wifv", "ranking": "global-all", "compensate": True}
+    params |= {"layers": "0:", "activation_calibration": "pool"}  # the pool subset's means and variances
+    study = optuna.create_study()
+    study.enqueue_trial(params)
+    study.optimize(objective, n_trials=1)
+    trial = study.trials[0]
+    assert trial.state.name == "COMPLETE"
+    plan, _, means = objective.plan_for(_config_of(trial))
+    assert means and all(name.endswith(("o_proj", "down_proj")) for name in means)
+    assert plan.layers[0].shape != get_adapter(objective.model).layer_shape(0)  # layer 0 is in the range now
+    pruned = copy.deepcopy(objective.model)
+    prune_physically(get_adapter(pruned), plan, input_means=means)
+    assert trial.value == pytest.approx(perplexity(pruned, valid, 16, progress=False), rel=1e-5)
+    uncompensated = optuna.create_study()
+    uncompensated.enqueue_trial(params | {"compensate": False})
+    uncompensated.optimize(objective, n_trials=1)
+    assert uncompensated.trials[0].value != pytest.approx(trial.value, rel=1e-6)  # compensation changes the model
+
+
+def test_flap_warm_start_is_trial_1_and_is_flap_exactly(tiny_model_dir):
+    """Without --layers the space holds every layer, so FLAP's recipe (its own 128 x 128 calibration
+    windows, drawn fresh) is enqueued right after LLM-Pruner's and scores what ``--method flap`` gives."""
+    import optuna
+
+    from adapruner import prune
+    from adapruner.data import token_stream
+    from adapruner.evaluation import perplexity
+    from adapruner.search.space import warm_start_params
+    from conftest import write_corpus
+
+    assert warm_start_params(SearchSpace(space="data"), "flap") is None  # the metric subspace is fixed there
+    assert warm_start_params(SearchSpace(compensate=[False]), "flap") is None  # the space cannot express it
+    metric_only = warm_start_params(SearchSpace(space="metric"), "flap")
+    assert metric_only["compensate"] and metric_only["ranking"] == "global-all" and "num_samples" not in metric_only
+    joint = warm_start_params(SearchSpace(), "flap")
+    assert joint["use_wiki"] and not joint["use_books"] and joint["activation_calibration"] == "128x128"
+    assert "num_samples" not in joint and joint["layers"] == "0:"  # no pool subset is read
+    in_pool = warm_start_params(SearchSpace(fresh_activations=[]), "flap", max_samples=10)
+    assert in_pool["num_samples"] == 10 and "activation_calibration" not in in_pool
+
+    root = tiny_model_dir
+    corpus = root / "big.txt"
+    write_corpus(corpus, documents=300, words=200)  # room for 128 windows of 128 tokens
+    space = SearchSpace(sources=[str(corpus)], num_samples=[4, 10], metrics=["element1", "wifv"])
+    kwargs = {"pool_per_source": 10, "objective_source": str(corpus), "objective_tokens": 512, "objective_seq_len": 16}
+    result = search(str(root / "tiny"), 0.15, trials=2, output=root / "run", space=space, **kwargs)
+    assert result["warm_starts"]["flap"]["trial"] == 1
+    flap_value = result["warm_starts"]["flap"]["value"]
+    study = optuna.load_study(study_name="adapruner", storage=f"sqlite:///{root / 'run' / 'study.db'}")
+    flap = study.trials[1]
+    assert flap.user_attrs["config"]["compensate"] and flap.user_attrs["config"]["layers"] == "0:"
+    assert flap.user_attrs["subset"] is None and "num_samples" not in flap.params
+
+    baseline = prune(str(root / "tiny"), 0.15, method="flap", calibration=str(corpus))
+    tokens = token_stream(baseline.tokenizer, str(corpus), "validation", 512)
+    assert perplexity(baseline.model, tokens, 16, progress=False) == pytest.approx(flap_value, rel=1e-4)
+
+    best = json.loads((root / "run" / "best.json").read_text())
+    best["best"] |= {"trial": 1, "value": flap_value, "config": flap.user_attrs["config"], "subset": None}
+    (root / "run" / "best.json").write_text(json.dumps(best))
+    pruned = prune(str(root / "tiny"), from_run=root / "run")
+    assert pruned.record["config"]["compensate"] and pruned.record["config"]["ranking"] == "global-all"
+    assert pruned.record["config"]["activation_calibration"] == "128x128" and pruned.record["layer_range"] == [0, 4]
+    assert perplexity(pruned.model, tokens, 16, progress=False) == pytest.approx(flap_value, rel=1e-4)
+
+
+def test_trials_only_draw_the_data_parameters_their_metric_reads():
+    import optuna
+
+    from adapruner.search.space import suggest
+
+    space = SearchSpace(metrics=["l2", "wifv", "element1"], separate_attention_metric=False, compensate=[False])
+
+    def params_of(fixed):
+        study = optuna.create_study()
+        study.enqueue_trial(fixed)
+        trial = study.ask()
+        config = suggest(trial, space)
+        return trial.params, config
+
+    l2, _ = params_of({"metric": "l2"})
+    assert not any(k.startswith(("use_", "num_samples", "subset_seed", "window")) for k in l2)
+    wifv, config = params_of({"metric": "wifv", "activation_calibration": "128x128"})
+    assert "num_samples" not in wifv and "aggregation" not in wifv and config.activation_calibration == "128x128"
+    element1, _ = params_of({"metric": "element1"})
+    assert {"num_samples", "seq_len", "subset_seed"} <= set(element1) and "activation_calibration" not in element1
+
+
+def test_a_configuration_measured_before_is_reused_not_rerun(tiny_model_dir):
+    import optuna
+
+    from adapruner.search.space import baseline_params
+
+    objective, _ = _tiny_objective(tiny_model_dir)
+    study = optuna.create_study()
+    flap_like = baseline_params(objective.space) | {"metric": "wifv", "ranking": "global-all", "compensate": True}
+    flap_like.pop("aggregation")  # FLAP's metric reads one member: aggregation is not a parameter then
+    flap_like["activation_calibration"] = "pool"
+    for params in (baseline_params(objective.space), baseline_params(objective.space), flap_like):
+        study.enqueue_trial(params)
+    study.optimize(objective, n_trials=3)
+    first, again, flap = study.trials
+    assert again.user_attrs["duplicate_of"] == 0 and again.value == first.value
+    assert again.user_attrs["seconds"]["evaluation"] == 0.0 < first.user_attrs["seconds"]["evaluation"]
+    assert "aggregation" not in flap.params and flap.user_attrs["config"]["aggregation"] == "sum"
+    assert "duplicate_of" not in flap.user_attrs

@@ -7,7 +7,7 @@ import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from .pruning.plan import (
     Budget,
     PrunePlan,
     Scores,
+    allocation_offsets,
     count_params,
     parse_layer_range,
     plan_from_scores,
@@ -68,6 +69,10 @@ class PruneConfig:
     method: str | None = None  # the preset (adapruner.methods) the other fields started from
     ranking: str | None = None  # layer | global | global-all (FLAP's AL-AM); None: from global_ranking
     compensate: bool = False  # FLAP's bias compensation of removed o_proj/down_proj inputs
+    # "NxL": activation statistics (Wanda-sp, FLAP, compensation) from N fresh windows of L tokens of
+    # ``calibration`` instead of the gradient samples; None: from the same samples
+    activation_calibration: str | None = None
+    activation_seed: int | None = None  # seed of those windows (None: ``seed``)
 
     @classmethod
     def from_method(cls, model: str, ratio: float, method: str | None = None, **options: Any) -> PruneConfig:
@@ -110,6 +115,27 @@ class PruneConfig:
             raise AdaPrunerError(f"unknown head mode '{self.head_mode}': choose one of {', '.join(HEAD_MODES)}")
         if self.num_samples < 1 or self.seq_len < 2:
             raise AdaPrunerError("--num-samples must be >= 1 and --seq-len >= 2")
+        if self.activation_calibration is not None:
+            parse_windows(self.activation_calibration)
+
+
+def parse_windows(text: str) -> tuple[int, int]:
+    """``"128x128"`` -> (128 windows, 128 tokens each); a one-line error otherwise."""
+    count, sep, length = str(text).lower().partition("x")
+    if not (sep and count.strip().isdigit() and length.strip().isdigit()) or int(count) < 1 or int(length) < 2:
+        raise AdaPrunerError(f"activation calibration '{text}' must look like 128x128 (windows x tokens)")
+    return int(count), int(length)
+
+
+def activation_statistics(
+    model: torch.nn.Module, tokenizer: Any, modules: list[str], sources: str, windows: str, seed: int
+) -> Statistics:
+    """Input sums and squares of ``modules`` over fresh calibration windows: a forward pass, no gradient."""
+    from .data import sample_mixture
+
+    count, length = parse_windows(windows)
+    samples = sample_mixture(tokenizer, sources, count, length, seed=seed)
+    return collect_statistics(model, samples, modules, {"activations"}, batch_size=16)
 
 
 @dataclass
@@ -134,22 +160,34 @@ def _statistics(
     model, tokenizer, adapter: ModelAdapter, layers: list[int], cfg: PruneConfig, samples: torch.Tensor | None = None
 ) -> Statistics:
     needs = cfg.build_metric().needs | ({"activations"} if cfg.compensate else frozenset())
-    if not needs:
-        return Statistics()
-    from .data import sample_mixture
-
-    if samples is None:
-        samples = sample_mixture(tokenizer, cfg.calibration, cfg.num_samples, cfg.seq_len, seed=cfg.seed)
     names = adapter.projection_names(layers)
-    return collect_statistics(
-        model,
-        samples,
-        names,
-        needs,
-        batch_size=cfg.batch_size or samples.shape[0],
-        offload=cfg.offload,
-        checkpointing=cfg.gradient_checkpointing,
-    )
+    separate = cfg.activation_calibration is not None and "activations" in needs
+    main = needs - {"activations"} if separate else needs
+    stats = Statistics()
+    if main:
+        from .data import sample_mixture
+
+        if samples is None:
+            samples = sample_mixture(tokenizer, cfg.calibration, cfg.num_samples, cfg.seq_len, seed=cfg.seed)
+        stats = collect_statistics(
+            model,
+            samples,
+            names,
+            main,
+            batch_size=cfg.batch_size or samples.shape[0],
+            offload=cfg.offload,
+            checkpointing=cfg.gradient_checkpointing,
+        )
+    if separate:
+        seed = cfg.seed if cfg.activation_seed is None else cfg.activation_seed
+        acts = activation_statistics(model, tokenizer, names, cfg.calibration, cfg.activation_calibration, seed)
+        stats = with_activations(stats, acts)
+    return stats
+
+
+def with_activations(stats: Statistics, acts: Statistics) -> Statistics:
+    """``stats`` with the activation tables (and their token counts) of ``acts``; gradients untouched."""
+    return replace(stats, act_sum=acts.act_sum, act_sq=acts.act_sq, tokens=acts.tokens, per_sample=False, sample={})
 
 
 def compute_scores(
@@ -183,20 +221,25 @@ def compute_plan(
     scores, budget, stats = _scores_and_statistics(model, tokenizer, cfg, samples)
     plan, info = plan_for_scores(model, scores, budget, cfg)
     if cfg.compensate:
-        adapter = get_adapter(model)
-        names = [n for i in range(*budget.layers) for r, n in adapter.prunable_module_names(i).items() if r in OUTPUTS]
-        info["input_means"] = {name: stats.input_mean(name) for name in names}
+        info["input_means"] = input_means(get_adapter(model), budget.layers, stats)
     return plan, info
 
 
 OUTPUTS = ("o_proj", "down_proj")  # the projections whose removed inputs bias compensation replaces
 
 
+def input_means(adapter: ModelAdapter, layers: tuple[int, int], stats: Statistics) -> dict[str, torch.Tensor]:
+    """Calibration mean of every o_proj/down_proj input in ``layers``: what bias compensation feeds."""
+    names = [n for i in range(*layers) for r, n in adapter.prunable_module_names(i).items() if r in OUTPUTS]
+    return {name: stats.input_mean(name) for name in names}
+
+
 def plan_for_scores(model: torch.nn.Module, scores: Scores, budget: Budget, cfg: PruneConfig) -> tuple[PrunePlan, dict]:
     adapter = get_adapter(model)
     dense_params = count_params(model)
     keep = solve_keep_counts(adapter, budget, dense_params)
-    plan = plan_from_scores(adapter, scores, keep, cfg.head_mode, round_to=cfg.round_to, ranking=cfg.ranking_mode)
+    ranked = allocation_offsets(scores, budget, cfg.ranking_mode)
+    plan = plan_from_scores(adapter, ranked, keep, cfg.head_mode, round_to=cfg.round_to, ranking=cfg.ranking_mode)
     return plan, {"layers": list(budget.layers), "dense_params": dense_params, "rate": keep.rate}
 
 
@@ -209,6 +252,21 @@ def _versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
+
+
+FRESH_SEED = 0  # the search draws fresh activation windows with this seed: one pass per source mix
+
+
+def _fresh_windows(value: str | None) -> str | None:
+    return None if value in (None, "pool") else value
+
+
+def _searched_layers(config: dict[str, Any], best: dict[str, Any]) -> str:
+    """The best trial's layer range as START:END (searches before ranges were searched: the study's one)."""
+    label = config.get("layers")
+    if label is None:
+        return best["layers"]
+    return best["layer_ranges"][label]
 
 
 def _options_from_run(run_dir: Path) -> tuple[float, dict[str, Any], dict[str, Any]]:
@@ -224,8 +282,9 @@ def _options_from_run(run_dir: Path) -> tuple[float, dict[str, Any], dict[str, A
             "aggregation": config["aggregation"],
             "mix": config["mix"],
             "attention_scale": config["attention_scale"],
-            "global_ranking": config["global_ranking"],
-            "layers": best["layers"],
+            "ranking": config.get("ranking") or ("global" if config.get("global_ranking") else "layer"),
+            "compensate": bool(config.get("compensate", False)),
+            "layers": _searched_layers(config, best),
             "head_mode": best["head_mode"],
             "seed": config["subset_seed"],
             "calibration": ",".join(config["sources"]),
@@ -234,6 +293,8 @@ def _options_from_run(run_dir: Path) -> tuple[float, dict[str, Any], dict[str, A
             "attention_metric": config.get("attention_metric"),
             "depth_slope": config.get("depth_slope", 0.0),
             "depth_bend": config.get("depth_bend", 0.0),
+            "activation_calibration": _fresh_windows(config.get("activation_calibration")),
+            "activation_seed": FRESH_SEED if _fresh_windows(config.get("activation_calibration")) else None,
         }
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise AdaPrunerError(f"{path} is corrupted ({exc}): run the search again") from None
@@ -274,7 +335,7 @@ def prune(
         hf_model, tokenizer = load_model(model, cfg.dtype, device_map)
     dense_shapes = get_adapter(hf_model).layer_shapes()
     samples = None
-    if searched is not None:
+    if searched is not None and searched["subset"] is not None:  # None: the trial read no pool sample
         spec = searched["pool"]
         pool = build_pool(tokenizer, spec["sources"], spec["per_source"], spec["seq_len"], spec["seed"])
         samples = pool.truncated(cfg.seq_len).input_ids[searched["subset"]]

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .data.pool import DEFAULT_POOL_PER_SOURCE
 from .errors import AdaPrunerError
 from .importance.metrics import parse_mix
 
@@ -87,6 +88,13 @@ Ranking = Annotated[
     str | None,
     typer.Option(help="layer, global or global-all (heads and channels of all layers in one list, FLAP's AL-AM)."),
 ]
+ActivationCalibration = Annotated[
+    str | None,
+    typer.Option(
+        help="Activation statistics (wanda_sp, flap, wifv, --compensate) from N fresh windows of L tokens of "
+        "--calibration, e.g. 128x128 (default: the same samples as the gradients)."
+    ),
+]
 
 
 def _config_options(values: dict[str, Any]) -> dict[str, Any]:
@@ -142,6 +150,7 @@ def prune(
     depth_slope: DepthSlope = 0.0,
     depth_bend: DepthBend = 0.0,
     ranking: Ranking = None,
+    activation_calibration: ActivationCalibration = None,
     compensate: Annotated[
         bool, typer.Option(help="FLAP's bias compensation: removed o_proj/down_proj inputs live on as a bias.")
     ] = False,
@@ -197,6 +206,7 @@ def importance(
     depth_slope: DepthSlope = 0.0,
     depth_bend: DepthBend = 0.0,
     ranking: Ranking = None,
+    activation_calibration: ActivationCalibration = None,
     seed: Seed = 0,
     dtype: Dtype = "float32",
     device_map: DeviceMap = None,
@@ -226,7 +236,7 @@ def search(
     sources: Annotated[str | None, typer.Option(help="Calibration sources the search may mix.")] = None,
     metrics: Annotated[str | None, typer.Option(help="Metrics the search may pick.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with SearchSpace fields; flags override it.")] = None,
-    pool_per_source: Annotated[int, typer.Option(help="Pool samples per source.")] = 20,
+    pool_per_source: Annotated[int, typer.Option(help="Pool samples per source.")] = DEFAULT_POOL_PER_SOURCE,
     pool_seq_len: Annotated[
         int | None, typer.Option(help="Tokens per pool sample (default: the longest searched length).")
     ] = None,
@@ -281,17 +291,25 @@ def search(
     for col in ("", "validation ppl", "configuration"):
         table.add_column(col)
     table.add_row("LLM-Pruner recipe (trial 0)", f"{baseline['value']:.2f}", "element1, sum, 10 books samples")
-    cfg = best["config"]
-    table.add_row(
-        f"best (trial {best['trial']})",
-        f"{best['value']:.2f}",
-        f"{cfg['metric']}{' (attention: ' + cfg['attention_metric'] + ')' if cfg['attention_metric'] else ''}, "
-        f"{cfg['aggregation']}, {cfg['num_samples']}x{cfg['seq_len']} from {'+'.join(cfg['sources'])}, "
-        f"attention x{cfg['attention_scale']:.2f}, depth slope {cfg['depth_slope']:+.2f} "
-        f"bend {cfg['depth_bend']:+.2f}{', global' if cfg['global_ranking'] else ''}",
-    )
+    for name, start in result.get("warm_starts", {}).items():
+        table.add_row(f"{name} recipe (trial {start['trial']}, warm start)", f"{start['value']:.2f}", "")
+    table.add_row(f"best (trial {best['trial']})", f"{best['value']:.2f}", describe_trial(best["config"]))
     out.print(table)
     out.print(f"prune with it: adapruner prune {model} --from-run {output} --output DIR")
+
+
+def describe_trial(cfg: dict) -> str:
+    """One line for a trial's configuration (search table, run log)."""
+    attention = f" (attention: {cfg['attention_metric']})" if cfg.get("attention_metric") else ""
+    ranking = cfg.get("ranking") or ("global" if cfg.get("global_ranking") else "layer")
+    text = (
+        f"{cfg['metric']}{attention}, {cfg['aggregation']}, {cfg['num_samples']}x{cfg['seq_len']} from "
+        f"{'+'.join(cfg['sources'])}, {ranking} ranking, attention x{cfg['attention_scale']:.2f}, "
+        f"depth slope {cfg['depth_slope']:+.2f} bend {cfg['depth_bend']:+.2f}"
+    )
+    if cfg.get("layers") not in (None, "default"):
+        text += f", layers {cfg['layers']}"
+    return text + (", bias compensation" if cfg.get("compensate") else "")
 
 
 @app.command()

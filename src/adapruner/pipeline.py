@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from .data.pool import DEFAULT_POOL_PER_SOURCE
 from .errors import AdaPrunerError
 from .pruning.io import read_record, write_json_atomic, write_text_atomic
 from .util import log, read_options_file
@@ -35,7 +36,7 @@ class RunConfig:
     sampler: str = "tpe"
     seed: int = 0
     search_space: dict[str, Any] = field(default_factory=dict)  # SearchSpace fields
-    pool_per_source: int = 20
+    pool_per_source: int = DEFAULT_POOL_PER_SOURCE
     objective_source: str = "wiki"
     objective_tokens: int = 4096
     pruner: str = "percentile"

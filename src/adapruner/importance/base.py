@@ -96,6 +96,8 @@ class Importance(ABC):
     requires: ClassVar[frozenset[str]] = frozenset()  # statistics it reads (see ``collector.NEEDS``)
     # True when a subset's scores follow from per-sample cached numbers (no model pass for the subset)
     decomposable: ClassVar[bool] = True
+    # False for metrics that score a unit from one member only (FLAP's): --aggregation does not apply
+    uses_aggregation: ClassVar[bool] = True
 
     def element_scores(self, weight: torch.Tensor, module: str, stats: Statistics) -> torch.Tensor:
         raise NotImplementedError

@@ -17,6 +17,14 @@ What is gathered, per module (``needs``):
 
 Every backward step also records its loss and the norm of its gradient over the listed modules
 (``Statistics.sample``: per-sample dense loss and gradient norm in a per-sample pass).
+
+Per-sample passes (``fisher``, ``unit_sums``) run ``sample_batch`` samples per forward/backward when
+gradient checkpointing is off: the loss is the *sum* of the per-sample mean losses, so the gradient
+reaching a module's output for sample ``s`` is that of sample ``s``'s own loss, and the per-sample
+weight gradient is ``G_s = dY_s^T X_s`` (one batched matmul from the module's input and output
+gradient, caught by hooks). No weight ``.grad`` is ever formed. Same numbers as one sample per pass
+(tested), several times faster on small models, at the cost of holding ``sample_batch`` samples'
+activations; with checkpointing on, samples go one at a time.
 """
 
 from __future__ import annotations
@@ -75,6 +83,14 @@ class _Collector:
             device = self.store if self.store is not None else value.device
             table[name] = torch.zeros((self.num_steps, *value.shape), dtype=torch.float32, device=device)
         table[name][self.step_index].copy_(value)
+
+    def record_rows(self, stat: str, name: str, values: torch.Tensor) -> None:
+        """Rows ``step_index .. step_index + len(values)`` of a per-step table (one row per sample)."""
+        table = self.tables.setdefault(stat, {})
+        if name not in table:
+            device = self.store if self.store is not None else values.device
+            table[name] = torch.zeros((self.num_steps, *values.shape[1:]), dtype=torch.float32, device=device)
+        table[name][self.step_index : self.step_index + values.shape[0]].copy_(values)
 
     def on_grad(self, name: str, param: torch.Tensor) -> None:
         g = param.grad.detach().float()
@@ -182,6 +198,90 @@ def _checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
         model.train(was_training)
 
 
+class _BatchedPerSample:
+    """Per-sample statistics of a batch from module inputs and output gradients (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, modules: list[str], collector: _Collector, n: int) -> None:
+        self.model, self.modules, self.collector, self.n = model, modules, collector, n
+        self.grad_sq: torch.Tensor | None = None  # [batch] squared per-sample gradient norm, summed over modules
+
+    def on_forward(self, name: str, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        c = self.collector
+        x = x.detach()
+        if "activations" in c.needs:
+            xf = x.float()
+            c.record_rows("act_sum", name, xf.sum(1))
+            c.record_rows("act_sq", name, xf.pow(2).sum(1))
+        if y.requires_grad:
+            y.register_hook(lambda go, n=name, m=module, inp=x: self.on_output_grad(n, m, inp, go))
+
+    def on_output_grad(self, name: str, module: torch.nn.Module, x: torch.Tensor, go: torch.Tensor) -> None:
+        c = self.collector
+        grads = torch.bmm(go.float().transpose(1, 2), x.float())  # [batch, out, in]: dL_s/dW per sample
+        sq = grads.pow(2).sum((1, 2))
+        self.grad_sq = sq if self.grad_sq is None else self.grad_sq + sq
+        if "unit_sums" in c.needs:
+            wg = grads * module.weight.detach().float()
+            dim = _reduce_dim(name) + 1
+            c.record_rows("unit_wg", name, wg.sum(dim))
+            c.record_rows("unit_wwgg", name, wg.pow(2).sum(dim))
+        if "grad" in c.needs:
+            c._accumulate(c.grads, name, grads.sum(0) / self.n)
+        if "fisher" in c.needs:
+            c._accumulate(c.fisher, name, grads.pow(2).sum(0) / self.n)
+
+    @contextmanager
+    def hooks(self) -> Iterator[None]:
+        """No parameter takes a gradient; the embeddings' output does, so every activation gradient flows."""
+        previous = {p: p.requires_grad for p in self.model.parameters()}
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        handles = [self.model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_())]
+        for name in self.modules:
+            module = self.model.get_submodule(name)
+            handles.append(
+                module.register_forward_hook(lambda m, args, out, n=name: self.on_forward(n, m, args[0], out))
+            )
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for p, flag in previous.items():
+                p.requires_grad_(flag)
+
+    def step(self, batch: torch.Tensor) -> None:
+        self.grad_sq = None
+        losses = per_sample_lm_loss(self.model, batch)
+        losses.sum().backward()
+        c = self.collector
+        c.record_rows("sample", "loss", losses.detach().float())
+        grad_sq = self.grad_sq if self.grad_sq is not None else torch.zeros(batch.shape[0])
+        c.record_rows("sample", "grad_norm", grad_sq.sqrt())
+        c.record_rows("tokens", "", torch.full((batch.shape[0],), float(batch.shape[1])))
+        c.step_index += batch.shape[0]
+
+
+def _chunk_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return functional.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def per_sample_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """[batch] mean next-token loss of each sample; the vocabulary projection chunked as in :func:`lm_loss`."""
+    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state[:, :-1]
+    batch, length = hidden.shape[:2]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    targets = input_ids[:, 1:].reshape(-1).to(hidden.device)
+    head = model.get_output_embeddings()
+    losses = torch.cat(
+        [
+            checkpoint(_chunk_losses, head, h, t, use_reentrant=False)
+            for h, t in zip(flat.split(chunk), targets.split(chunk), strict=True)
+        ]
+    )
+    return losses.view(batch, length).mean(1)
+
+
 def collect_statistics(
     model: torch.nn.Module,
     samples: torch.Tensor,
@@ -190,19 +290,23 @@ def collect_statistics(
     batch_size: int = 10,
     offload: bool = False,
     checkpointing: bool = False,
+    sample_batch: int = 8,
 ) -> Statistics:
     """Gather ``needs`` over ``samples`` [N, L] for the listed linear modules (see the module docstring).
 
     When only the mean gradient is needed and one batch holds all samples, no per-element gradient is
     kept at all: each arriving gradient is reduced at once to the row/column sums of W*g and |W*g|,
     which is all element1 and vector read. ``checkpointing`` recomputes activations in the backward
-    pass (transformers' gradient checkpointing) to trade time for memory.
+    pass (transformers' gradient checkpointing) to trade time for memory. Per-sample statistics are
+    gathered ``sample_batch`` samples at a time (1: one pass per sample; always so with checkpointing).
     """
     needs = frozenset(needs)
     unknown = needs - NEEDS
     if unknown:
         raise ValueError(f"unknown statistics {sorted(unknown)}")
     per_sample = bool(needs & {"fisher", "unit_sums"})
+    if per_sample and sample_batch > 1 and not checkpointing:
+        return _batched_per_sample_statistics(model, samples, modules, needs, offload, sample_batch)
     batches = samples.split(1 if per_sample else batch_size)
     collector = _Collector(model, modules, needs, offload, len(batches))
     collector.lean = needs & {"grad", "fisher", "unit_sums"} == {"grad"} and samples.shape[0] <= batch_size
@@ -222,3 +326,22 @@ def collect_statistics(
                     model(input_ids=batch)
             collector.end_step(batch.numel(), loss)
     return collector.statistics(n, per_sample)
+
+
+def _batched_per_sample_statistics(
+    model: torch.nn.Module,
+    samples: torch.Tensor,
+    modules: list[str],
+    needs: frozenset[str],
+    offload: bool,
+    sample_batch: int,
+) -> Statistics:
+    n = samples.shape[0]
+    collector = _Collector(model, modules, needs, offload, n)
+    batched = _BatchedPerSample(model, modules, collector, n)
+    device = next(model.parameters()).device
+    batches = samples.split(sample_batch)
+    with batched.hooks():
+        for batch in tqdm(batches, desc="statistics", disable=len(batches) < 4, leave=False):
+            batched.step(batch.to(device))
+    return collector.statistics(n, per_sample=True)

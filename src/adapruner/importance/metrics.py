@@ -125,6 +125,7 @@ class Flap(Importance):
 
     name = "flap"
     requires = frozenset({"activations"})
+    uses_aggregation = False
 
     def group_scores(self, model: torch.nn.Module, group: GroupSet, stats: Statistics, aggregation: str):
         member = next(m for m in group.members if m.dim == 1)
@@ -149,6 +150,7 @@ class Wifv(Importance):
 
     name = "wifv"
     requires = frozenset({"activations"})
+    uses_aggregation = False
 
     def group_scores(self, model: torch.nn.Module, group: GroupSet, stats: Statistics, aggregation: str):
         member = next(m for m in group.members if m.dim == 1)

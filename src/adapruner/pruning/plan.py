@@ -378,6 +378,41 @@ def _joint_keep_counts(
     return KeepCounts(per_layer, keep.rate, removed, keep.total_params, target)
 
 
+LOCKED = 1e6  # offset (in spreads) that keeps a unit out of the cross-layer ranking: attention_scale 0
+
+
+def allocation_offsets(scores: Scores, budget: Budget, ranking: str) -> Scores:
+    """Scores shifted so that the allocation knobs keep their meaning when units compete across layers.
+
+    With ``layer`` ranking the depth profile and the attention scale set each layer's keep counts. With
+    ``global`` (units of a kind across layers) and ``global-all`` (everything in one list) the counts
+    come from the scores, so the knobs act on the scores instead: a unit whose layer (and kind) the
+    knobs ask to cut ``w`` times as much as average loses ``log(w)`` robust spreads of its kind's scores
+    (1.4826 x the median absolute deviation), i.e. it is removed earlier. ``w`` is the depth profile's
+    weight, times ``attention_scale`` for heads under ``global-all`` (under ``global`` the scale already
+    fixes how many heads go); a scale of 0 keeps attention whole. Neutral knobs (1, 0, 0) change nothing,
+    so FLAP's ranking stays FLAP's.
+    """
+    neutral_depth = budget.depth_slope == 0.0 and budget.depth_bend == 0.0
+    if ranking == "layer" or (neutral_depth and (ranking == "global" or budget.attention_scale == 1.0)):
+        return scores
+    start, end = budget.layers or (min(k[0] for k in scores), max(k[0] for k in scores) + 1)
+    profile = depth_profile(end - start, budget.depth_slope, budget.depth_bend)
+    spread = {}
+    for kind in {k for _, k in scores}:
+        values = torch.cat([v.double() for (_, k), v in scores.items() if k == kind])
+        mad = (values - values.median()).abs().median()
+        spread[kind] = float(1.4826 * mad) or float(values.std()) or 1.0
+    shifted: Scores = {}
+    for (layer, kind), value in scores.items():
+        weight = profile[layer - start] if start <= layer < end else 1.0
+        if kind == "attention" and ranking == "global-all":
+            weight *= budget.attention_scale
+        offset = LOCKED if weight <= 0 else -math.log(weight)
+        shifted[(layer, kind)] = value + offset * spread[kind]
+    return shifted
+
+
 def planned_param_count(adapter: ModelAdapter, plan: PrunePlan, dense_params: int) -> int:
     """Parameters after applying ``plan``, computed from group sizes (tests compare with the real count)."""
     removed = 0
@@ -417,6 +452,7 @@ __all__ = [
     "KeepCounts",
     "LayerPlan",
     "PrunePlan",
+    "allocation_offsets",
     "count_params",
     "default_layer_range",
     "parse_layer_range",

@@ -19,7 +19,7 @@ def _completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.trials if t.value is not None]
 
 
-def _history(study: optuna.Study, baseline: float, run_dir: Path) -> None:
+def _history(study: optuna.Study, baseline: float, run_dir: Path, warm: dict[str, dict] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,6 +34,9 @@ def _history(study: optuna.Study, baseline: float, run_dir: Path) -> None:
     ax.scatter(numbers, values, s=14, label="trial")
     ax.step(numbers, best, where="post", color="tab:green", label="best so far")
     ax.axhline(baseline, color="tab:red", linestyle="--", label="LLM-Pruner recipe (trial 0)")
+    for name, start in (warm or {}).items():
+        label = f"{name} recipe (trial {start['trial']}, warm start)"
+        ax.axhline(start["value"], color="tab:purple", linestyle=":", label=label)
     ax.set(xlabel="trial", ylabel="validation perplexity", yscale="log", title="AdaPruner search")
     ax.legend()
     fig.tight_layout()
@@ -46,6 +49,8 @@ def _history(study: optuna.Study, baseline: float, run_dir: Path) -> None:
         ]
     )
     html.add_hline(y=baseline, line_dash="dash", annotation_text="LLM-Pruner recipe")
+    for name, start in (warm or {}).items():
+        html.add_hline(y=start["value"], line_dash="dot", annotation_text=f"{name} recipe (warm start)")
     html.update_layout(xaxis_title="trial", yaxis_title="validation perplexity", yaxis_type="log")
     html.write_html(run_dir / "history.html", include_plotlyjs="cdn")
 
@@ -90,7 +95,7 @@ def _kept(kept: list[list[int]] | None, run_dir: Path) -> None:
 def write_report(study: optuna.Study, result: dict[str, Any], run_dir: Path) -> None:
     """history/importances/kept as PNG + HTML, and ``report.md`` that links them."""
     baseline = result["baseline"]["value"]
-    _history(study, baseline, run_dir)
+    _history(study, baseline, run_dir, result.get("warm_starts"))
     importances = _importances(study, run_dir)
     _kept(result["best"].get("kept"), run_dir)
     best = result["best"]
@@ -99,6 +104,10 @@ def write_report(study: optuna.Study, result: dict[str, Any], run_dir: Path) -> 
         "",
         f"- trials completed: {result['trials']} (sampler {result['sampler']}, space {result['space']['space']})",
         f"- LLM-Pruner recipe (trial 0): validation perplexity **{baseline:.2f}**",
+        *(
+            f"- {name} recipe (trial {start['trial']}, warm start): validation perplexity {start['value']:.2f}"
+            for name, start in result.get("warm_starts", {}).items()
+        ),
         f"- best (trial {best['trial']}): **{best['value']:.2f}** ({(1 - best['value'] / baseline) * 100:.0f}% lower)",
         f"- best configuration: `{best['config']}`",
         "",

@@ -2,7 +2,10 @@
 
 A trial's parameters are flat Optuna parameters; ``TrialConfig`` is the typed decision they stand for.
 ``--space data`` or ``metric`` fixes the other subspace at LLM-Pruner's choice (the paper's ablations);
-allocation (attention share, depth profile, global ranking) belongs to the metric subspace.
+allocation (attention share, depth profile, ranking, layer range) and FLAP's bias compensation belong
+to the metric subspace. Trial 0 is always LLM-Pruner's recipe; ``warm_starts`` enqueue other published
+recipes (FLAP) right after it, so the search starts from the best known points instead of having to
+rediscover them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from ..util import read_options_file
 
 SPACES = ("joint", "data", "metric")
 WINDOW_STATS = ("none", "loss", "grad_norm")
+DEFAULT_LAYERS = "default"  # LLM-Pruner's layer range for the model (adapruner.pruning.default_layer_range)
+WARM_STARTS = ("flap",)
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,10 @@ class TrialConfig:
     attention_scale: float
     depth_slope: float
     depth_bend: float
-    global_ranking: bool
+    ranking: str  # layer | global | global-all (see adapruner.pruning.plan_from_scores)
+    compensate: bool  # FLAP's bias compensation of the removed o_proj/down_proj inputs
+    layers: str  # a layer range label of SearchSpace.layer_ranges ("default": LLM-Pruner's range)
+    activation_calibration: str  # "pool": the subset's activations; "NxL": N fresh windows of L tokens
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,10 +55,10 @@ class SearchSpace:
     """What the search may choose from (defaults documented in the README)."""
 
     sources: list[str] = field(default_factory=lambda: ["books", "wiki", "news", "squad"])
-    num_samples: list[int] = field(default_factory=lambda: [5, 10, 20])
+    num_samples: list[int] = field(default_factory=lambda: [5, 10, 20, 40])
     seq_lens: list[int] = field(default_factory=lambda: [32, 64])  # prefixes of the pool's windows
     metrics: list[str] = field(
-        default_factory=lambda: ["element1", "element2", "vector", "second", "wanda_sp", "flap", "l2", "mix"]
+        default_factory=lambda: ["element1", "element2", "vector", "second", "wanda_sp", "flap", "wifv", "l2", "mix"]
     )
     mix_components: list[str] = field(default_factory=lambda: ["element1", "wanda_sp", "flap"])
     aggregations: list[str] = field(default_factory=lambda: ["sum", "mean", "max", "prod", "last"])
@@ -59,6 +67,13 @@ class SearchSpace:
     depth_slope: tuple[float, float] = (-2.0, 2.0)
     depth_bend: tuple[float, float] = (-2.0, 2.0)
     subset_seeds: int = 10
+    rankings: list[str] = field(default_factory=lambda: ["layer", "global", "global-all"])
+    compensate: list[bool] = field(default_factory=lambda: [False, True])
+    layer_ranges: list[str] = field(default_factory=lambda: [DEFAULT_LAYERS, "0:"])  # "START:END" or "default"
+    warm_starts: list[str] = field(default_factory=lambda: ["flap"])  # enqueued after trial 0
+    # activation statistics (wanda_sp, flap, wifv, compensation) may come from N fresh windows of L
+    # tokens of the chosen sources ("NxL", a forward pass, memoised) instead of the pool subset
+    fresh_activations: list[str] = field(default_factory=lambda: ["128x128"])
     space: str = "joint"
 
     def __post_init__(self) -> None:
@@ -72,7 +87,7 @@ class SearchSpace:
 
         if self.space not in SPACES:
             raise AdaPrunerError(f"unknown --space '{self.space}': choose one of {', '.join(SPACES)}")
-        for name in ("sources", "num_samples", "seq_lens", "metrics", "aggregations"):
+        for name in ("sources", "num_samples", "seq_lens", "metrics", "aggregations", "rankings", "compensate"):
             if not getattr(self, name):
                 raise AdaPrunerError(f"the search space's '{name}' is empty: give at least one value")
         for name, value in ((f, getattr(self, f)) for f in RANGES):
@@ -89,7 +104,14 @@ class SearchSpace:
                 f"unknown metric/aggregation {unknown} in the search space: metrics {', '.join(METRICS)}; "
                 f"aggregations {', '.join(AGGREGATIONS)}"
             )
-        for name, value in (("num_samples", BASELINE.num_samples), ("seq_lens", BASELINE.seq_len)):
+        self._check_structure()
+        for name, value in (
+            ("num_samples", BASELINE.num_samples),
+            ("seq_lens", BASELINE.seq_len),
+            ("rankings", BASELINE.ranking),
+            ("compensate", BASELINE.compensate),
+            ("layer_ranges", BASELINE.layers),
+        ):
             if value not in getattr(self, name):
                 raise AdaPrunerError(
                     f"the search space's {name} {getattr(self, name)} must include {value}, "
@@ -97,6 +119,33 @@ class SearchSpace:
                 )
         if min(self.seq_lens) < 2 or min(self.num_samples) < 1 or self.subset_seeds < 1:
             raise AdaPrunerError("seq_lens must be >= 2, num_samples >= 1 and subset_seeds >= 1")
+
+    def _check_structure(self) -> None:
+        from ..pruning.plan import RANKINGS
+
+        unknown = sorted(set(self.rankings) - set(RANKINGS))
+        if unknown:
+            raise AdaPrunerError(f"unknown ranking {unknown} in the search space: choose from {', '.join(RANKINGS)}")
+        if any(not isinstance(v, bool) for v in self.compensate):
+            raise AdaPrunerError(f"the search space's compensate {self.compensate} must list true and/or false")
+        bad = [r for r in self.layer_ranges if r != DEFAULT_LAYERS and not (isinstance(r, str) and _is_range_text(r))]
+        if bad or not self.layer_ranges:
+            raise AdaPrunerError(
+                f"the search space's layer_ranges {self.layer_ranges} must list 'default' and ranges "
+                "'START:END' (END may be empty: to the last layer; quote them in YAML: '0:')"
+            )
+        from ..api import parse_windows
+
+        for windows in self.fresh_activations:
+            parse_windows(windows)
+        unknown = sorted(set(self.warm_starts) - set(WARM_STARTS))
+        if unknown:
+            raise AdaPrunerError(f"unknown warm start {unknown}: choose from {', '.join(WARM_STARTS)} (or none)")
+
+
+def _is_range_text(text: str) -> bool:
+    start, sep, end = str(text).partition(":")
+    return sep == ":" and start.strip().isdigit() and (end.strip() == "" or end.strip().isdigit())
 
 
 RANGES = ("attention_scale", "depth_slope", "depth_bend")
@@ -121,7 +170,10 @@ BASELINE = TrialConfig(
     attention_scale=1.0,
     depth_slope=0.0,
     depth_bend=0.0,
-    global_ranking=False,
+    ranking="layer",
+    compensate=False,
+    layers=DEFAULT_LAYERS,
+    activation_calibration="pool",
 )
 
 
@@ -132,35 +184,99 @@ def baseline_params(space: SearchSpace) -> dict[str, Any]:
         params |= {f"use_{s}": s == "books" for s in space.sources}
         params |= {"num_samples": 10, "seq_len": 64, "window_stat": "none", "subset_seed": 0}
     if space.space != "data":
-        params |= {"metric": "element1", "aggregation": "sum", "attention_scale": 1.0, "global_ranking": False}
-        params |= {"depth_slope": 0.0, "depth_bend": 0.0}
+        params |= {"metric": "element1", "aggregation": "sum", "attention_scale": 1.0, "ranking": "layer"}
+        params |= {"depth_slope": 0.0, "depth_bend": 0.0, "compensate": False, "layers": DEFAULT_LAYERS}
         if space.separate_attention_metric:
             params["attention_metric"] = "same"
     return params
 
 
+def warm_start_params(space: SearchSpace, name: str, max_samples: int | None = None) -> dict[str, Any] | None:
+    """Optuna parameters of a published recipe inside ``space``, or None where the space cannot express it.
+
+    ``flap``: FLAP's defaults (WIFV, AL-AM joint ranking of heads and channels, bias compensation, every
+    layer) on the pool's ``wiki`` windows (all sources if the space has no ``wiki``), as many (up to
+    ``max_samples``, the pool's windows per source)
+    and as long as the space allows (FLAP itself uses
+    more and longer samples; ``adapruner prune --method flap`` is the faithful baseline). Only the
+    metric subspace carries FLAP's choices, so a ``data`` ablation gets no warm start.
+    """
+    if name != "flap" or space.space == "data":
+        return None
+    every_layer = next((r for r in space.layer_ranges if r.replace(" ", "") == "0:"), None)
+    if "wifv" not in space.metrics or "global-all" not in space.rankings or True not in space.compensate:
+        return None
+    if every_layer is None:
+        return None
+    params = {"metric": "wifv", "attention_scale": 1.0, "ranking": "global-all"}  # wifv has no aggregation
+    params |= {"depth_slope": 0.0, "depth_bend": 0.0, "compensate": True, "layers": every_layer}
+    if space.separate_attention_metric:
+        params["attention_metric"] = "same"
+    if space.space == "joint":
+        wiki = "wiki" in space.sources  # FLAP calibrates on WikiText2; without wiki: every source of the space
+        params |= {f"use_{s}": s == "wiki" or not wiki for s in space.sources}
+        if FLAP_WINDOWS in space.fresh_activations:  # FLAP's own 128 windows of 128 tokens: FLAP exactly
+            return params | {"activation_calibration": FLAP_WINDOWS}
+        fitting = [n for n in space.num_samples if max_samples is None or n <= max_samples]
+        if not fitting:
+            return None
+        params |= {"num_samples": max(fitting), "seq_len": max(space.seq_lens), "window_stat": "none"}
+        params["subset_seed"] = 0
+        if space.fresh_activations:
+            params["activation_calibration"] = "pool"
+    return params
+
+
+FLAP_WINDOWS = "128x128"  # FLAP's calibration: 128 samples of 128 tokens
+
+
 def suggest(trial: optuna.Trial, space: SearchSpace) -> TrialConfig:
-    data = _suggest_data(trial, space) if space.space != "metric" else {}
-    metric = _suggest_metric(trial, space) if space.space != "data" else {}
-    base = BASELINE.to_dict()
-    return TrialConfig(**(base | data | metric))
+    """The metric subspace first: which statistics it reads decides which data parameters matter."""
+    config = BASELINE.to_dict() | (_suggest_metric(trial, space) if space.space != "data" else {})
+    if space.space != "metric":
+        config |= _suggest_data(trial, space, *_reads(config))
+    return TrialConfig(**config)
 
 
-def _suggest_data(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
+def _reads(config: dict[str, Any]) -> tuple[bool, bool]:
+    """(gradients, activations): the statistics a configuration's metrics (and compensation) read."""
+    from ..importance import get_metric
+
+    needs = frozenset().union(
+        *(get_metric(m, mix=config["mix"]).needs for m in {config["metric"], config["attention_metric"]} if m)
+    )
+    return bool(needs & {"grad", "fisher"}), "activations" in needs or config["compensate"]
+
+
+def _uses_aggregation(metric: str) -> bool:
+    """Whether ``aggregation`` changes this metric's scores (not for FLAP's, which read one member)."""
+    from ..importance import METRICS
+
+    return METRICS[metric].uses_aggregation
+
+
+def _suggest_data(trial: optuna.Trial, space: SearchSpace, gradients: bool, activations: bool) -> dict[str, Any]:
+    """Only the parameters the trial reads: none for data-free metrics (l2, random), and no pool subset
+    when every statistic comes from fresh activation windows."""
+    if not (gradients or activations):
+        return {}
     chosen = tuple(s for s in space.sources if trial.suggest_categorical(f"use_{s}", [True, False]))
-    window = None
-    stat = trial.suggest_categorical("window_stat", list(WINDOW_STATS))
-    if stat != "none":
-        low = trial.suggest_float("window_low", 0.0, 0.6)
-        width = trial.suggest_float("window_width", 0.3, 1.0)
-        window = (stat, low, min(1.0, low + width))
-    return {
-        "sources": chosen or tuple(space.sources),
-        "num_samples": trial.suggest_categorical("num_samples", space.num_samples),
-        "seq_len": trial.suggest_categorical("seq_len", space.seq_lens),
-        "window": window,
-        "subset_seed": trial.suggest_int("subset_seed", 0, space.subset_seeds - 1),
-    }
+    data: dict[str, Any] = {"sources": chosen or tuple(space.sources)}
+    if activations and space.fresh_activations:
+        choices = ["pool", *space.fresh_activations]
+        data["activation_calibration"] = trial.suggest_categorical("activation_calibration", choices)
+    if gradients or data.get("activation_calibration", "pool") == "pool":
+        data["subset_seed"] = trial.suggest_int("subset_seed", 0, space.subset_seeds - 1)
+        window = None
+        stat = trial.suggest_categorical("window_stat", list(WINDOW_STATS))
+        if stat != "none":
+            low = trial.suggest_float("window_low", 0.0, 0.6)
+            width = trial.suggest_float("window_width", 0.3, 1.0)
+            window = (stat, low, min(1.0, low + width))
+        data["window"] = window
+        data["num_samples"] = trial.suggest_categorical("num_samples", space.num_samples)
+        data["seq_len"] = trial.suggest_categorical("seq_len", space.seq_lens)
+    return data
 
 
 def _suggest_metric(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
@@ -174,13 +290,18 @@ def _suggest_metric(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
     if space.separate_attention_metric:
         choice = trial.suggest_categorical("attention_metric", ["same", *(m for m in space.metrics if m != "mix")])
         attention_metric = None if choice in ("same", metric) else choice
+    aggregation = "sum"
+    if _uses_aggregation(metric) or _uses_aggregation(attention_metric or metric):
+        aggregation = trial.suggest_categorical("aggregation", space.aggregations)
     return {
         "metric": metric,
         "attention_metric": attention_metric,
         "mix": mix,
-        "aggregation": trial.suggest_categorical("aggregation", space.aggregations),
+        "aggregation": aggregation,
         "attention_scale": trial.suggest_float("attention_scale", *space.attention_scale),
         "depth_slope": trial.suggest_float("depth_slope", *space.depth_slope),
         "depth_bend": trial.suggest_float("depth_bend", *space.depth_bend),
-        "global_ranking": trial.suggest_categorical("global_ranking", [False, True]),
+        "ranking": trial.suggest_categorical("ranking", list(space.rankings)),
+        "compensate": trial.suggest_categorical("compensate", list(space.compensate)),
+        "layers": trial.suggest_categorical("layers", list(space.layer_ranges)),
     }

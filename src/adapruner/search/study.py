@@ -15,12 +15,13 @@ import contextlib
 import hashlib
 import importlib.util
 import inspect
+import json
 import math
 import os
 import socket
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,12 @@ import sqlalchemy
 import torch
 from tqdm.auto import tqdm
 
-from ..api import PruneConfig, plan_for_scores
+from ..api import FRESH_SEED, PruneConfig, activation_statistics, input_means, plan_for_scores, with_activations
 from ..data import token_stream
-from ..data.pool import build_pool
+from ..data.pool import DEFAULT_POOL_PER_SOURCE, build_pool
 from ..errors import AdaPrunerError
 from ..evaluation.perplexity import windowed_nll, windows_of
-from ..importance import score_groups
+from ..importance import Statistics, score_groups
 from ..importance.cache import StatisticsCache, model_fingerprint
 from ..models import get_adapter, layer_groups
 from ..models.loading import load_model
@@ -42,7 +43,14 @@ from ..pruning import Budget, masked
 from ..pruning.io import write_csv_atomic, write_json_atomic
 from ..pruning.plan import parse_layer_range
 from .report import write_report
-from .space import SearchSpace, TrialConfig, baseline_params, suggest
+from .space import (
+    DEFAULT_LAYERS,
+    SearchSpace,
+    TrialConfig,
+    baseline_params,
+    suggest,
+    warm_start_params,
+)
 
 SAMPLERS = ("tpe", "random")
 HEARTBEAT_INTERVAL = 60  # seconds between the heartbeats a running trial writes to a shared storage
@@ -73,7 +81,7 @@ class Objective:
         self,
         model,
         ratio: float,
-        layers: tuple[int, int],
+        layers: dict[str, tuple[int, int]],
         head_mode: str,
         pool,
         cache,
@@ -81,8 +89,10 @@ class Objective:
         valid_tokens: torch.Tensor,
         seq_len: int,
         steps: int = 4,
+        tokenizer=None,
     ) -> None:
-        self.model, self.adapter = model, get_adapter(model)
+        self.model, self.adapter, self.tokenizer = model, get_adapter(model), tokenizer
+        self._fresh: dict[tuple, Statistics] = {}
         self.ratio, self.layers, self.head_mode = ratio, layers, head_mode
         self.pool, self.space = pool, space
         self.caches = {pool.seq_len: cache}
@@ -93,7 +103,13 @@ class Objective:
                 f"the objective needs at least {steps}; raise --objective-tokens or use a larger source"
             )
         self.steps = steps
-        self.groups = layer_groups(self.adapter, list(range(*layers)), head_mode)
+        self._groups: dict[tuple[int, int], Any] = {}
+        self.warm_starts: dict[str, dict[str, Any]] = {}  # name -> Optuna parameters, to label those trials
+
+    def groups_for(self, layers: tuple[int, int]):
+        if layers not in self._groups:
+            self._groups[layers] = layer_groups(self.adapter, list(range(*layers)), self.head_mode)
+        return self._groups[layers]
 
     def cache_for(self, seq_len: int) -> StatisticsCache:
         """Statistics of the pool cut to ``seq_len`` tokens (computed once, then from disk)."""
@@ -103,8 +119,32 @@ class Objective:
             self.caches[seq_len].per_sample()
         return self.caches[seq_len]
 
+    def fresh_activations(self, config: TrialConfig) -> Statistics:
+        """Activation statistics of N fresh windows of L tokens of the trial's sources (memoised).
+
+        The windows are drawn with one seed (``FRESH_SEED``), so each source mix costs one forward pass.
+        """
+        key = (config.sources, config.activation_calibration)
+        if key not in self._fresh:
+            if self.tokenizer is None:
+                raise AdaPrunerError("fresh activation windows need the tokenizer: pass it to the Objective")
+            self._fresh[key] = activation_statistics(
+                self.model,
+                self.tokenizer,
+                self.caches[self.pool.seq_len].modules,
+                ",".join(config.sources),
+                config.activation_calibration,
+                FRESH_SEED,
+            )
+        return self._fresh[key]
+
     def plan_for(self, config: TrialConfig):
-        """The plan a trial's configuration gives, built exactly as ``adapruner prune`` builds it."""
+        """The plan a trial's configuration gives, built exactly as ``adapruner prune`` builds it.
+
+        Returns the plan, the calibration subset and, with compensation, the subset's mean input of
+        every o_proj/down_proj (None otherwise).
+        """
+        layers = self.layers[config.layers]
         cfg = PruneConfig(
             model="",
             ratio=self.ratio,
@@ -115,43 +155,61 @@ class Objective:
             attention_scale=config.attention_scale,
             depth_slope=config.depth_slope,
             depth_bend=config.depth_bend,
-            global_ranking=config.global_ranking,
+            ranking=config.ranking,
+            compensate=config.compensate,
             head_mode=self.head_mode,
             seed=config.subset_seed,
         )
         metric = cfg.build_metric()
-        cache = self.cache_for(config.seq_len)
-        subset = cache.pool.select(
-            config.num_samples, sources=list(config.sources), window=config.window, seed=config.subset_seed
-        )
-        scores = score_groups(self.model, self.groups, metric, cache.statistics_for(subset, metric), config.aggregation)
-        plan, _ = plan_for_scores(self.model, scores, cfg.budget(self.layers), cfg)
-        return plan, subset
+        fresh = config.activation_calibration != "pool" and ("activations" in metric.needs or config.compensate)
+        subset, stats = None, Statistics()
+        if not fresh or metric.needs & {"grad", "fisher"}:  # the trial reads pool samples
+            cache = self.cache_for(config.seq_len)
+            subset = cache.pool.select(
+                config.num_samples, sources=list(config.sources), window=config.window, seed=config.subset_seed
+            )
+            stats = cache.statistics_for(subset, metric)
+        if fresh:
+            stats = with_activations(stats, self.fresh_activations(config))
+        scores = score_groups(self.model, self.groups_for(layers), metric, stats, config.aggregation)
+        plan, _ = plan_for_scores(self.model, scores, cfg.budget(layers), cfg)
+        means = input_means(self.adapter, layers, stats) if config.compensate else None
+        return plan, subset, means
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran (or abandoned) it
         config = suggest(trial, self.space)
         if trial.params == baseline_params(self.space):
             trial.set_user_attr("baseline", True)
+        for name, params in self.warm_starts.items():
+            if trial.params == params:
+                trial.set_user_attr("warm_start", name)
         trial.set_user_attr("config", config.to_dict())
+        earlier = _same_config(trial, config)
+        if earlier is not None:  # e.g. TPE proposing a point it has already measured: reuse, do not re-run
+            for key in ("subset", "kept"):
+                trial.set_user_attr(key, earlier.user_attrs.get(key))
+            trial.set_user_attr("duplicate_of", earlier.number)
+            trial.set_user_attr("seconds", {"importance": 0.0, "masking": 0.0, "evaluation": 0.0})
+            return earlier.value
         clock = time.perf_counter()
         try:
-            plan, subset = self.plan_for(config)
+            plan, subset, means = self.plan_for(config)
         except AdaPrunerError as exc:  # e.g. a quantile window leaves too few samples
             raise optuna.TrialPruned(str(exc)) from None
         seconds = {"importance": time.perf_counter() - clock}
         trial.set_user_attr("subset", subset)
         trial.set_user_attr("kept", [list(asdict(s).values()) for s in plan.shapes()])
         try:
-            return self._evaluate(trial, plan, seconds)
+            return self._evaluate(trial, plan, seconds, means)
         finally:
             trial.set_user_attr("seconds", {k: round(v, 3) for k, v in seconds.items()})
 
-    def _evaluate(self, trial: optuna.Trial, plan, seconds: dict[str, float]) -> float:
+    def _evaluate(self, trial: optuna.Trial, plan, seconds: dict[str, float], means=None) -> float:
         """Masked validation perplexity, chunk by chunk; times masking and evaluation separately."""
         total_nll, total_tokens = 0.0, 0
         clock = time.perf_counter()
-        with torch.no_grad(), masked(self.adapter, plan):
+        with torch.no_grad(), masked(self.adapter, plan, input_means=means):
             seconds["masking"] = time.perf_counter() - clock
             clock = time.perf_counter()
             for step, chunk in enumerate(self.windows.tensor_split(self.steps)):
@@ -164,6 +222,17 @@ class Objective:
                     if trial.should_prune():
                         raise optuna.TrialPruned(f"validation perplexity after {step + 1}/{self.steps} chunks")
         return math.exp(total_nll / total_tokens)
+
+
+def _same_config(trial: optuna.Trial, config: TrialConfig) -> optuna.trial.FrozenTrial | None:
+    """A completed trial of this study with exactly this configuration (JSON-equal), if any."""
+
+    def normal(value: Any) -> str:  # storages differ: RDB gives JSON lists, in-memory keeps tuples
+        return json.dumps(value, sort_keys=True)
+
+    wanted = normal(config.to_dict())
+    completed = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return next((t for t in completed if normal(t.user_attrs.get("config")) == wanted), None)
 
 
 PRUNERS = ("percentile", "median", "none")
@@ -264,14 +333,27 @@ def _connect(url: str) -> optuna.storages.RDBStorage:
         raise AdaPrunerError(f"cannot reach storage URL {shown}: {reason}; {hint}") from None
 
 
+def resolve_layer_ranges(space: SearchSpace, num_layers: int, default: str | None = None) -> dict[str, tuple[int, int]]:
+    """Each layer range label of the space ("default", "0:", "4:28") as (start, end) for this model.
+
+    "default" is ``default`` (``--layers``) if given, else LLM-Pruner's range for the model.
+    """
+    return {
+        label: parse_layer_range(default if label == DEFAULT_LAYERS else label, num_layers)
+        for label in space.layer_ranges
+    }
+
+
 def _open_study(
     storage: str | optuna.storages.RDBStorage,
     name: str,
     sampler,
     identity: dict[str, str],
-    baseline: dict[str, Any],
+    starts: list[dict[str, Any]],
 ) -> optuna.Study:
-    """Create or load the study, check it was made for this setting, enqueue trial 0 if it is new.
+    """Create or load the study, check it was made for this setting, enqueue the start trials if it is new.
+
+    ``starts`` are Optuna parameters: LLM-Pruner's recipe (trial 0), then the warm starts.
 
     Workers that start together would each see an empty study and enqueue the baseline (a check,
     then a write: a race). On PostgreSQL they take turns under an advisory lock, so the baseline is
@@ -298,7 +380,8 @@ def _open_study(
             diff = ", ".join(f"{k}: {stored[k]} != {identity[k]}" for k in identity if stored[k] != identity[k])
             raise AdaPrunerError(f"study '{name}' was made for another setting ({diff}): use a new --output or --study")
         if not study.get_trials(deepcopy=False):
-            study.enqueue_trial(baseline)
+            for params in starts:
+                study.enqueue_trial(params)
     return study
 
 
@@ -326,7 +409,7 @@ def search(
     study_name: str = "adapruner",
     layers: str | None = None,
     head_mode: str = "auto",
-    pool_per_source: int = 20,
+    pool_per_source: int = DEFAULT_POOL_PER_SOURCE,
     pool_seq_len: int | None = None,
     objective_source: str = "wiki",
     objective_tokens: int = 4096,
@@ -340,6 +423,8 @@ def search(
     space's ``seq_lens``) per source; shorter sequence lengths use the windows' prefixes.
     """
     space = space or SearchSpace()
+    if layers is not None:  # --layers fixes the range: "default" is that range, and the only one searched
+        space = replace(space, layer_ranges=[DEFAULT_LAYERS])
     Budget(ratio)
     if trials < 1:
         raise AdaPrunerError(f"--trials {trials}: give at least 1")
@@ -353,26 +438,32 @@ def search(
     shared = _connect(storage) if storage is not None else None  # before the (slow) model load
     hf_model, tokenizer = load_model(model, dtype)
     adapter = get_adapter(hf_model)
-    layer_range = parse_layer_range(layers, adapter.num_layers)
+    ranges = resolve_layer_ranges(space, adapter.num_layers, layers)
     pool = build_pool(tokenizer, space.sources, pool_per_source, pool_seq_len, seed)
-    modules = adapter.projection_names(range(*layer_range))
-    cache = StatisticsCache(hf_model, pool, modules)
+    covered = (min(r[0] for r in ranges.values()), max(r[1] for r in ranges.values()))
+    cache = StatisticsCache(hf_model, pool, adapter.projection_names(range(*covered)))
     cache.per_sample()
     valid = token_stream(tokenizer, objective_source, "validation", objective_tokens)
-    objective = Objective(hf_model, ratio, layer_range, head_mode, pool, cache, space, valid, objective_seq_len)
+    objective = Objective(
+        hf_model, ratio, ranges, head_mode, pool, cache, space, valid, objective_seq_len, tokenizer=tokenizer
+    )
     for length in space.seq_lens:
         objective.cache_for(length)
+    layers_text = ",".join(f"{start}:{end}" for start, end in ranges.values())
     identity = {
         "model": model_fingerprint(hf_model),
         "ratio": str(ratio),
         "pool": pool.fingerprint,
         "space": space.space,
-        "layers": f"{layer_range[0]}:{layer_range[1]}",
+        "layers": layers_text,
     }
     # Workers of a shared study seeded alike would sample the same configurations side by side.
     study_sampler = _sampler(sampler, seed if shared is None else None)
     local = f"sqlite:///{(run_dir / 'study.db').resolve()}"
-    study = _open_study(shared or local, study_name, study_sampler, identity, baseline_params(space))
+    warm = {name: warm_start_params(space, name, pool_per_source) for name in space.warm_starts}
+    objective.warm_starts = {name: params for name, params in warm.items() if params is not None}
+    starts = [baseline_params(space), *objective.warm_starts.values()]
+    study = _open_study(shared or local, study_name, study_sampler, identity, starts)
     study.pruner = _pruner(pruner)
     if shared is None:
         _retry_interrupted(study)
@@ -396,7 +487,6 @@ def search(
             budget = optuna.study.MaxTrialsCallback(trials, states=counted)
             study.optimize(objective, n_trials=trials - done, callbacks=[progress, budget])
     pool_spec = {"sources": space.sources, "per_source": pool_per_source, "seq_len": pool_seq_len, "seed": seed}
-    layers_text = f"{layer_range[0]}:{layer_range[1]}"
     return _write_outputs(
         study,
         run_dir,
@@ -405,7 +495,13 @@ def search(
         space,
         sampler,
         time.perf_counter() - started,
-        {"pool": pool_spec, "layers": layers_text, "head_mode": head_mode, "pruner": pruner},
+        {
+            "pool": pool_spec,
+            "layers": layers_text,
+            "layer_ranges": {label: f"{start}:{end}" for label, (start, end) in ranges.items()},
+            "head_mode": head_mode,
+            "pruner": pruner,
+        },
     )
 
 
@@ -446,6 +542,11 @@ def _write_outputs(
             "kept": best.user_attrs.get("kept"),
         },
         "baseline": {"trial": baseline.number, "value": baseline.value},
+        "warm_starts": {
+            t.user_attrs["warm_start"]: {"trial": t.number, "value": t.value}
+            for t in completed
+            if t.user_attrs.get("warm_start")
+        },
         "trials": len(completed),
         "finished": sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials),
         "space": asdict(space),
