@@ -23,12 +23,16 @@ from adapruner.models.loading import load_model
 from adapruner.search import search
 
 
-def cache_served(config: dict) -> bool:
-    """True when the trial's scores come from the statistics cache alone (no gradient pass)."""
+def trial_kind(config: dict) -> str:
+    """Where a completed trial's scores come from: the statistics cache alone, a gradient pass on its
+    subset (non-decomposable metrics), or activations of fresh windows (one forward pass per search,
+    memoized after the first trial that asks for them)."""
+    if config.get("activation_calibration", "pool") != "pool":
+        return "fresh activation windows, completed"
     cfg = PruneConfig(
         model="", ratio=0.2, metric=config["metric"], attention_metric=config["attention_metric"], mix=config["mix"]
     )
-    return cfg.build_metric().decomposable
+    return "cache-served, completed" if cfg.build_metric().decomposable else "gradient pass, completed"
 
 
 def main() -> None:
@@ -39,13 +43,16 @@ def main() -> None:
     parser.add_argument("--objective-tokens", type=int, default=4096)
     parser.add_argument("--run-dir", type=Path, default=Path("runs/bench/search_cost"))
     parser.add_argument("--keep", action="store_true", help="continue the study in --run-dir instead of a fresh one")
+    parser.add_argument("--report-only", action="store_true", help="only report the study already in --run-dir")
     args = parser.parse_args()
 
-    if args.run_dir.exists() and not args.keep:
-        shutil.rmtree(args.run_dir)
-    started = time.perf_counter()
-    search(args.model, args.ratio, trials=args.trials, output=args.run_dir, objective_tokens=args.objective_tokens)
-    wall = time.perf_counter() - started
+    wall = None
+    if not args.report_only:
+        if args.run_dir.exists() and not args.keep:
+            shutil.rmtree(args.run_dir)
+        started = time.perf_counter()
+        search(args.model, args.ratio, trials=args.trials, output=args.run_dir, objective_tokens=args.objective_tokens)
+        wall = time.perf_counter() - started
 
     model, tokenizer = load_model(args.model)
     valid = token_stream(tokenizer, "wiki", "validation", args.objective_tokens)
@@ -56,14 +63,12 @@ def main() -> None:
 
     study = optuna.load_study(study_name="adapruner", storage=f"sqlite:///{(args.run_dir / 'study.db').resolve()}")
     trials = [t for t in study.trials if "seconds" in t.user_attrs]
-    groups = {
-        "cache-served, completed": [t for t in trials if t.value is not None and cache_served(t.user_attrs["config"])],
-        "gradient pass, completed": [
-            t for t in trials if t.value is not None and not cache_served(t.user_attrs["config"])
-        ],
-        "stopped early (pruner)": [t for t in trials if t.state.name == "PRUNED"],
-    }
-    print(f"{args.model} at ratio {args.ratio}: {len(study.trials)} trials; this run's wall time {wall / 60:.1f} min")
+    groups: dict[str, list] = {}
+    for t in trials:  # a pruned trial also has a value (its last report): group by state first
+        kind = trial_kind(t.user_attrs["config"]) if t.state.name == "COMPLETE" else "stopped early (pruner)"
+        groups.setdefault(kind, []).append(t)
+    timing = f"this run's wall time {wall / 60:.1f} min" if wall is not None else "wall time: see the run that made it"
+    print(f"{args.model} at ratio {args.ratio}: {len(study.trials)} trials; {timing}")
     print(f"one evaluation pass ({args.objective_tokens} validation tokens @128, dense): {floor:.2f}s\n")
     print("| trials | n | importance (s) | masking (s) | evaluation (s) | total (s) | total / eval pass |")
     print("|---|---|---|---|---|---|---|")
