@@ -277,6 +277,7 @@ def _options_from_run(run_dir: Path) -> tuple[float, dict[str, Any], dict[str, A
     try:
         best = json.loads(path.read_text())
         config, pool = best["best"]["config"], best["pool"]
+        fresh = _fresh_windows(config.get("activation_calibration"))
         options = {
             "metric": config["metric"],
             "aggregation": config["aggregation"],
@@ -293,8 +294,8 @@ def _options_from_run(run_dir: Path) -> tuple[float, dict[str, Any], dict[str, A
             "attention_metric": config.get("attention_metric"),
             "depth_slope": config.get("depth_slope", 0.0),
             "depth_bend": config.get("depth_bend", 0.0),
-            "activation_calibration": _fresh_windows(config.get("activation_calibration")),
-            "activation_seed": FRESH_SEED if _fresh_windows(config.get("activation_calibration")) else None,
+            "activation_calibration": fresh,
+            "activation_seed": FRESH_SEED if fresh else None,
         }
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise AdaPrunerError(f"{path} is corrupted ({exc}): run the search again") from None

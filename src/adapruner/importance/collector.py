@@ -218,7 +218,8 @@ class _BatchedPerSample:
     def on_output_grad(self, name: str, module: torch.nn.Module, x: torch.Tensor, go: torch.Tensor) -> None:
         c = self.collector
         grads = torch.bmm(go.float().transpose(1, 2), x.float())  # [batch, out, in]: dL_s/dW per sample
-        sq = grads.pow(2).sum((1, 2))
+        grads_sq = grads.pow(2)
+        sq = grads_sq.sum((1, 2))
         self.grad_sq = sq if self.grad_sq is None else self.grad_sq + sq
         if "unit_sums" in c.needs:
             wg = grads * module.weight.detach().float()
@@ -228,7 +229,7 @@ class _BatchedPerSample:
         if "grad" in c.needs:
             c._accumulate(c.grads, name, grads.sum(0) / self.n)
         if "fisher" in c.needs:
-            c._accumulate(c.fisher, name, grads.pow(2).sum(0) / self.n)
+            c._accumulate(c.fisher, name, grads_sq.sum(0) / self.n)
 
     @contextmanager
     def hooks(self) -> Iterator[None]:
