@@ -100,6 +100,10 @@ TASK_SHORT = {
 }
 # The equal recovery budget of every method (``--finetune-steps`` sets max_steps).
 FINETUNE_FIXED = {"batch_size": 8, "micro_batch_size": 4, "warmup_steps": 5, "val_set_size": 0}
+# Budgets of the CPU grid: the defaults, and per model what replaces them when the flag is not given
+# (Qwen2.5-0.5B costs ~4x SmolLM2 per token: a smaller budget keeps the whole grid near 4 h on 2 cores).
+BUDGET_DEFAULTS = {"trials": 20, "finetune_steps": 10, "eval_tokens": 8192}
+MODEL_BUDGETS = {"qwen2.5-0.5b": {"trials": 10, "finetune_steps": 5, "eval_tokens": 4096}}
 
 
 # --- settings and names -----------------------------------------------------------------------------
@@ -118,16 +122,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join([*METHODS, ADAPRUNER]),
         help=f"comma-separated subset of {', '.join([*METHODS, ADAPRUNER])}",
     )
-    parser.add_argument("--trials", type=int, default=20, help="AdaPruner's search budget (trials per study)")
+    parser.add_argument(
+        "--trials", type=int, default=None, help="AdaPruner's search budget (trials per study; default 20, Qwen2.5 10)"
+    )
     parser.add_argument(
         "--pool-per-source", type=int, default=DEFAULT_POOL_PER_SOURCE, help="search pool windows per source"
     )
     parser.add_argument("--objective-tokens", type=int, default=4096, help="validation tokens per search trial")
-    parser.add_argument("--finetune-steps", type=int, default=10, help="LoRA optimizer steps (8 examples each)")
+    parser.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=None,
+        help="LoRA optimizer steps of 8 examples (default 10, Qwen2.5 5)",
+    )
     parser.add_argument("--cutoff-len", type=int, default=128, help="tokens per LoRA training example")
     parser.add_argument("--finetune-data", default="wiki", help="LoRA data: a text source, alpaca or a file")
     parser.add_argument("--no-finetune", action="store_true", help="skip the LoRA rows")
-    parser.add_argument("--eval-tokens", type=int, default=8192, help="test tokens per perplexity source")
+    parser.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=None,
+        help="test tokens per perplexity source (default 8192, Qwen2.5 4096)",
+    )
     parser.add_argument("--tasks", default=",".join(SEVEN_TASKS), help="zero-shot tasks, or 'none'")
     parser.add_argument("--limit", type=int, default=5, help="documents per zero-shot task")
     parser.add_argument("--batch-size", type=int, default=8, help="evaluation batch size")
@@ -164,6 +180,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--methods: unknown {unknown}; choose from {', '.join([*METHODS, ADAPRUNER])}")
     args.methods = [m for m in [*METHODS, ADAPRUNER] if m in args.methods]  # the registry's order
     args.tasks = [] if args.tasks.strip().lower() in ("", "none") else [t.strip() for t in args.tasks.split(",")]
+    args.explicit = {name for name in BUDGET_DEFAULTS if getattr(args, name) is not None}
+    for name, value in BUDGET_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.full:
         args.limit, args.eval_tokens = None, None
     if not args.tasks:
@@ -178,6 +198,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
+
+
+def for_model(args, model: str) -> argparse.Namespace:
+    """The settings one model runs with: its budget (MODEL_BUDGETS) where the flag was not given."""
+    budget = {} if args.full else MODEL_BUDGETS.get(model, {})
+    return argparse.Namespace(**(vars(args) | {k: v for k, v in budget.items() if k not in args.explicit}))
 
 
 def finetune_options(args) -> dict[str, Any]:
@@ -398,18 +424,19 @@ def run_all(args) -> Runner:
     for model in args.models:
         if not args.dry_run:
             ensure_model(model)
+        settings = for_model(args, model)
         dense = args.run_root / model / "dense"
-        evaluate_unit(runner, args, f"{model} dense", model, dense / f"{eval_tag(args)}.json", Times(dense))
+        evaluate_unit(runner, settings, f"{model} dense", model, dense / f"{eval_tag(settings)}.json", Times(dense))
         for grid_model, ratio in args.grid:
             if grid_model != model:
                 continue
             for method in args.methods:
                 try:
-                    run_method(runner, args, model, ratio, method)
+                    run_method(runner, settings, model, ratio, method)
                 except AdaPrunerError as exc:  # e.g. a study with more trials than asked
                     runner.failures.append(f"{model} r{ratio} {method}: {exc}")
     for model, ratio in args.retention:
-        run_retention(runner, args, model, ratio)
+        run_retention(runner, for_model(args, model), model, ratio)
     return runner
 
 
@@ -483,31 +510,38 @@ def retention_markdown(args) -> str:
     tag = retention_tag(args)
     lines = []
     for model, ratio in args.retention:
-        dense = read_json(args.run_root / model / "dense" / f"{tag}.json")
-        rows = [("dense", dense)]
-        for method in retention_methods(args, model, ratio):
-            directory = args.run_root / model / f"r{ratio}" / variant(method, args)
-            _, prefix = recovered(args, directory)
-            rows.append((method_label(method, args), read_json(directory / f"{prefix}.{tag}.json")))
-        recovery = "no recovery" if args.no_finetune else f"LoRA {steps_text(args)}"
-        lines += [
-            "",
-            f"### Zero-shot retention check: {DISPLAY.get(model, model)} at ratio {ratio} ({recovery}), "
-            f"first {args.retention_limit} documents per task",
-            "",
-        ]
-        head = ["model", *(TASK_SHORT.get(t, t) for t in args.tasks), "average", "retention"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        reference = (dense or {}).get("zero_shot", {}).get("average")
-        for label, results in rows:
-            if results is None:
-                lines.append(f"| {label} | " + " | ".join("–" for _ in head[1:]) + " |")
-                continue
-            row = row_from_eval(results, args.tasks)
-            retention = 100 * row["average"] / reference if reference and row["average"] is not None else None
-            cells = [label, *(fmt(row[t], "acc") for t in args.tasks), fmt(row["average"], "acc")]
-            lines.append("| " + " | ".join([*cells, fmt(retention, "pct")]) + " |")
+        lines += retention_table(for_model(args, model), model, ratio, tag)
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+def retention_table(args, model: str, ratio: float, tag: str) -> list[str]:
+    """The retention check's table of one model × ratio, with that model's settings."""
+    lines: list[str] = []
+    dense = read_json(args.run_root / model / "dense" / f"{tag}.json")
+    rows = [("dense", dense)]
+    for method in retention_methods(args, model, ratio):
+        directory = args.run_root / model / f"r{ratio}" / variant(method, args)
+        _, prefix = recovered(args, directory)
+        rows.append((method_label(method, args), read_json(directory / f"{prefix}.{tag}.json")))
+    recovery = "no recovery" if args.no_finetune else f"LoRA {steps_text(args)}"
+    lines += [
+        "",
+        f"### Zero-shot retention check: {DISPLAY.get(model, model)} at ratio {ratio} ({recovery}), "
+        f"first {args.retention_limit} documents per task",
+        "",
+    ]
+    head = ["model", *(TASK_SHORT.get(t, t) for t in args.tasks), "average", "retention"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    reference = (dense or {}).get("zero_shot", {}).get("average")
+    for label, results in rows:
+        if results is None:
+            lines.append(f"| {label} | " + " | ".join("–" for _ in head[1:]) + " |")
+            continue
+        row = row_from_eval(results, args.tasks)
+        retention = 100 * row["average"] / reference if reference and row["average"] is not None else None
+        cells = [label, *(fmt(row[t], "acc") for t in args.tasks), fmt(row["average"], "acc")]
+        lines.append("| " + " | ".join([*cells, fmt(retention, "pct")]) + " |")
+    return lines
 
 
 # --- report -----------------------------------------------------------------------------------------
@@ -535,45 +569,50 @@ def row_from_eval(results: dict, tasks: list[str]) -> dict[str, Any]:
 
 def collect_rows(args) -> list[dict[str, Any]]:
     """One row per model × ratio × method × recovery whose evaluation exists, plus the dense rows."""
+    rows: list[dict[str, Any]] = []
+    for model, ratio in args.grid:
+        rows += model_rows(for_model(args, model), model, ratio)
+    return rows
+
+
+def model_rows(args, model: str, ratio: float) -> list[dict[str, Any]]:
+    """The rows of one model × ratio table, read with that model's settings."""
     tag = eval_tag(args)
     lora = lora_name(args)
     recovery = "LoRA (LLM-Pruner budget)" if args.full else f"LoRA {steps_text(args)}"
     rows: list[dict[str, Any]] = []
-    for model, ratio in args.grid:
-        dense_path = args.run_root / model / "dense" / f"{tag}.json"
-        dense = read_json(dense_path)
-        dense_row = None
-        if dense is not None:
-            dense_row = {"model": model, "ratio": 0.0, "method": "dense", "recovery": "none", "table_ratio": ratio}
-            dense_row |= row_from_eval(dense, args.tasks)
-            dense_row |= {"achieved_ratio": 0.0, "eval_s": Times(dense_path.parent).get(dense_path.name)}
-            dense_row["retention"] = 100.0 if dense_row["average"] else None
-            rows.append(dense_row)
-        for method in args.methods:
-            directory = args.run_root / model / f"r{ratio}" / variant(method, args)
-            times = Times(directory)
-            record = read_json(directory / "model" / "adapruner.json") or {}
-            search_s = None
-            if method == ADAPRUNER:
-                search_s = search_seconds(directory.parent / f"{search_name(args)}-search", args.trials)
-            for kind, eval_name, tuned in (("none", f"{tag}.json", None), (recovery, f"{lora}.{tag}.json", lora)):
-                results = read_json(directory / eval_name)
-                if results is None or (tuned and args.no_finetune):
-                    continue
-                row = {"model": model, "ratio": ratio, "method": method_label(method, args), "recovery": kind}
-                row |= row_from_eval(results, args.tasks)
-                row["achieved_ratio"] = record.get("achieved_ratio")
-                row["search_trials"] = args.trials if method == ADAPRUNER else None
-                row["search_s"] = search_s
-                row["prune_s"] = times.get("prune")
-                row["finetune_s"] = times.get(tuned) if tuned else None
-                row["eval_s"] = times.get(eval_name)
-                reference = dense_row["average"] if dense_row else None
-                row["retention"] = (
-                    100 * row["average"] / reference if row["average"] is not None and reference else None
-                )
-                row["table_ratio"] = ratio
-                rows.append(row)
+    dense_path = args.run_root / model / "dense" / f"{tag}.json"
+    dense = read_json(dense_path)
+    dense_row = None
+    if dense is not None:
+        dense_row = {"model": model, "ratio": 0.0, "method": "dense", "recovery": "none", "table_ratio": ratio}
+        dense_row |= row_from_eval(dense, args.tasks)
+        dense_row |= {"achieved_ratio": 0.0, "eval_s": Times(dense_path.parent).get(dense_path.name)}
+        dense_row["retention"] = 100.0 if dense_row["average"] else None
+        rows.append(dense_row)
+    for method in args.methods:
+        directory = args.run_root / model / f"r{ratio}" / variant(method, args)
+        times = Times(directory)
+        record = read_json(directory / "model" / "adapruner.json") or {}
+        search_s = None
+        if method == ADAPRUNER:
+            search_s = search_seconds(directory.parent / f"{search_name(args)}-search", args.trials)
+        for kind, eval_name, tuned in (("none", f"{tag}.json", None), (recovery, f"{lora}.{tag}.json", lora)):
+            results = read_json(directory / eval_name)
+            if results is None or (tuned and args.no_finetune):
+                continue
+            row = {"model": model, "ratio": ratio, "method": method_label(method, args), "recovery": kind}
+            row |= row_from_eval(results, args.tasks)
+            row["achieved_ratio"] = record.get("achieved_ratio")
+            row["search_trials"] = args.trials if method == ADAPRUNER else None
+            row["search_s"] = search_s
+            row["prune_s"] = times.get("prune")
+            row["finetune_s"] = times.get(tuned) if tuned else None
+            row["eval_s"] = times.get(eval_name)
+            reference = dense_row["average"] if dense_row else None
+            row["retention"] = 100 * row["average"] / reference if row["average"] is not None and reference else None
+            row["table_ratio"] = ratio
+            rows.append(row)
     return rows
 
 
@@ -605,29 +644,43 @@ def time_cell(row: dict) -> str:
     return ", ".join(parts)
 
 
-def markdown(args, rows: list[dict[str, Any]]) -> str:
+def settings_text(args) -> str:
+    """The budget one model's tables were measured with."""
     lora_text = (
         f"LLM-Pruner's LoRA budget on `{args.finetune_data}`"
         if args.full
         else f"LoRA {steps_text(args)} × 8 examples × {args.cutoff_len} tokens of `{args.finetune_data}`"
     )
+    return (
+        f"Settings: perplexity on the first {args.eval_tokens or 'all'} tokens of each test split; "
+        + (f"zero-shot on the first {args.limit or 'all'} documents per task; " if args.tasks else "")
+        + f"recovery {lora_text}; AdaPruner's search {args.trials} trials."
+    )
+
+
+def markdown(args, rows: list[dict[str, Any]]) -> str:
     lines = [
         "## Pruning methods compared",
         "",
-        f"Perplexity: first {args.eval_tokens or 'all'} tokens of each test split, {PPL_SEQ_LEN}-token windows. "
+        f"Perplexity: {PPL_SEQ_LEN}-token windows of the wiki and news test splits. "
         + (
-            f"Zero-shot: first {args.limit or 'all'} documents per task (accuracy in %, acc or acc_norm as "
-            "LLM-Pruner reports); retention = average / dense average. "
+            "Zero-shot: accuracy in % (acc or acc_norm as LLM-Pruner reports); retention = average / dense average. "
             if args.tasks
             else "No zero-shot tasks. "
         )
-        + f"Recovery: {lora_text} (the same for every method). AdaPruner: TPE search of {args.trials} trials "
-        "(LLM-Pruner's recipe is trial 0), then `prune --from-run`. Times: wall seconds of each step.",
+        + "Recovery: the same LoRA budget for every method of a model. AdaPruner: TPE search (LLM-Pruner's "
+        "recipe is trial 0, FLAP trial 1), then `prune --from-run`. Times: wall seconds of each step.",
     ]
     task_heads = [TASK_SHORT.get(t, t) for t in args.tasks]
     for model, ratio in args.grid:
         mine = [r for r in rows if r["model"] == model and r["table_ratio"] == ratio]
-        lines += ["", f"### {DISPLAY.get(model, model)} at ratio {ratio}", ""]
+        lines += [
+            "",
+            f"### {DISPLAY.get(model, model)} at ratio {ratio}",
+            "",
+            settings_text(for_model(args, model)),
+            "",
+        ]
         if not mine:
             lines.append("(no results yet)")
             continue
@@ -668,8 +721,9 @@ def write_csv(path: Path, args, rows: list[dict[str, Any]]) -> None:
         if key in seen:  # the dense row heads every ratio's table, once in the CSV
             continue
         seen.add(key)
-        finetune = None if row["recovery"] == "none" else lora_name(args)
-        writer.writerow(row | {"eval_tokens": args.eval_tokens, "limit": args.limit, "finetune": finetune})
+        settings = for_model(args, row["model"])
+        finetune = None if row["recovery"] == "none" else lora_name(settings)
+        writer.writerow(row | {"eval_tokens": settings.eval_tokens, "limit": settings.limit, "finetune": finetune})
     write_text_atomic(path, buffer.getvalue())
 
 

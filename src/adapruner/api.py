@@ -89,6 +89,18 @@ class PruneConfig:
             return mlp
         return PerKind(get_metric(self.attention_metric, seed=self.seed, mix=self.mix), mlp)
 
+    def statistic_needs(self) -> frozenset[str]:
+        """What the statistics pass must collect: the metric's needs, plus activations to compensate."""
+        return self.build_metric().needs | ({"activations"} if self.compensate else frozenset())
+
+    def fresh_activations(self) -> bool:
+        """Activation statistics come from their own fresh windows rather than the calibration samples.
+
+        ``adapruner prune`` and every search trial decide it here, so a trial and its ``--from-run``
+        prune read the same activations.
+        """
+        return self.activation_calibration is not None and "activations" in self.statistic_needs()
+
     def budget(self, layer_range: tuple[int, int] | None = None) -> Budget:
         return Budget(
             self.ratio,
@@ -159,9 +171,9 @@ def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
 def _statistics(
     model, tokenizer, adapter: ModelAdapter, layers: list[int], cfg: PruneConfig, samples: torch.Tensor | None = None
 ) -> Statistics:
-    needs = cfg.build_metric().needs | ({"activations"} if cfg.compensate else frozenset())
+    needs = cfg.statistic_needs()
     names = adapter.projection_names(layers)
-    separate = cfg.activation_calibration is not None and "activations" in needs
+    separate = cfg.fresh_activations()
     main = needs - {"activations"} if separate else needs
     stats = Statistics()
     if main:

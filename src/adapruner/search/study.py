@@ -159,9 +159,10 @@ class Objective:
             compensate=config.compensate,
             head_mode=self.head_mode,
             seed=config.subset_seed,
+            activation_calibration=None if config.activation_calibration == "pool" else config.activation_calibration,
         )
         metric = cfg.build_metric()
-        fresh = config.activation_calibration != "pool" and ("activations" in metric.needs or config.compensate)
+        fresh = cfg.fresh_activations()
         subset, stats = None, Statistics()
         if not fresh or metric.needs & {"grad", "fisher"}:  # the trial reads pool samples
             cache = self.cache_for(config.seq_len)
