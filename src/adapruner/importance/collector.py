@@ -167,15 +167,19 @@ def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, chunk: int = 256) -
     [tokens, vocab] logits and their gradient never exist at once: on small-hidden models with large
     vocabularies (SmolLM2: 576 vs 49,152) they are the biggest tensors of the pass.
     """
-    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    targets = input_ids[:, 1:].reshape(-1).to(hidden.device)
-    head = model.get_output_embeddings()
+    head, hidden, targets = _head_inputs(model, input_ids)
     total = sum(
         checkpoint(_chunk_loss, head, h, t, use_reentrant=False)
         for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True)
     )
     return total / targets.numel()
+
+
+def _head_inputs(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The output head, the [batch * (L - 1), hidden] states it predicts from and their next tokens."""
+    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    return model.get_output_embeddings(), hidden, input_ids[:, 1:].reshape(-1).to(hidden.device)
 
 
 @contextmanager
@@ -269,18 +273,14 @@ def _chunk_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
 
 def per_sample_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """[batch] mean next-token loss of each sample; the vocabulary projection chunked as in :func:`lm_loss`."""
-    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state[:, :-1]
-    batch, length = hidden.shape[:2]
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    targets = input_ids[:, 1:].reshape(-1).to(hidden.device)
-    head = model.get_output_embeddings()
+    head, hidden, targets = _head_inputs(model, input_ids)
     losses = torch.cat(
         [
             checkpoint(_chunk_losses, head, h, t, use_reentrant=False)
-            for h, t in zip(flat.split(chunk), targets.split(chunk), strict=True)
+            for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True)
         ]
     )
-    return losses.view(batch, length).mean(1)
+    return losses.view(input_ids.shape[0], -1).mean(1)
 
 
 def collect_statistics(
