@@ -43,20 +43,21 @@ The markdown is printed to stdout at the end. Units that fail are reported and t
 status 1 at the end); ``--report-only`` rebuilds the report from what exists, ``--dry-run`` lists the
 units still to run.
 
-Wall time. The defaults (``--trials 20 --finetune-steps 10 --limit 5 --eval-tokens 8192``) are sized
-from the README's figures for 2 CPU cores (fp32): perplexity ~420 tokens/s on SmolLM2 (~40 s per
-evaluation of 2 × 8,192 tokens), zero-shot ~1 log-likelihood request/s (~23 s per ``--limit`` document
-over the seven tasks), search ~80 s of pool statistics plus ~12 s per trial, pruning 3-40 s; assumed:
-one LoRA step (8 × 128 tokens, forward and backward) ~12 s, Qwen2.5-0.5B ~3.7× SmolLM2's cost per
-token (parameter ratio), pruned models 0.85× (ratio 0.2) and 0.6× (0.5) the cost of their dense model.
-Estimate: SmolLM2 (33 evaluations, 16 fine-tunes, 2 searches) ~1 h without zero-shot + ~9 min per
-``--limit`` document, ~1 h 45 min at the default; Qwen2.5 (17 evaluations, 8 fine-tunes, 1 search)
-~2 h + ~21 min per document, ~3 h 45 min; the whole grid ~5 h 30 min. So ~2 h on 2 cores is
-``--models smollm2-135m``: the whole grid needs ~3 h even with ``--tasks none``. On busy shared cores
-everything takes several times longer (the smoke run of 2026-11-28, on 2 cores loaded ~3× over, ran
-5-20× slower than these figures). At ``--limit 5`` one task accuracy has a standard error of ~±22
-points and the seven-task average ~±8: small-limit accuracies are indicative only; ``--full`` on a
-GPU gives the numbers to publish.
+Budgets. Each model has its own budget, the same for every method of that model (a flag given on the
+command line replaces it for every model): SmolLM2 ``--trials 20 --finetune-steps 10 --eval-tokens
+8192``; Qwen2.5-0.5B (``MODEL_BUDGETS``) ``--trials 10 --finetune-steps 5 --eval-tokens 4096``; both
+``--limit 5``. Output names carry the budget, so the two models' outputs never mix.
+
+Wall time, measured on 2 shared CPU cores (fp32, 2026-11-30 and 12-01). SmolLM2: evaluation 30-80 s
+(2 × 8,192 tokens + 35 zero-shot documents), LoRA 45-220 s, pruning 2-60 s, a 20-trial search 7-11 min;
+the baselines ~1 h 20 min, the two searches with their recovery and evaluations ~35 min, the 50-document
+retention check ~25 min. Qwen2.5-0.5B (~4× SmolLM2's cost per token): evaluation ~3 min (2 × 4,096
+tokens), LoRA 5 steps ~4 min, FLAP's pruning ~4.5 min, so ~12 min per baseline; the 10-trial search
+~45 min, of which ~26 min are the pool's per-sample statistics (two sequence lengths); the Qwen2.5 grid
+~2 h 30 min. On busier cores everything takes longer (the smoke run of 2026-11-28, on 2 cores loaded
+~3× over, ran 5-20× slower). At ``--limit 5`` one task accuracy has a standard error of ~±22 points and
+the seven-task average ~±8: small-limit accuracies are indicative only; ``--full`` on a GPU gives the
+numbers to publish.
 """
 
 from __future__ import annotations
