@@ -752,9 +752,9 @@ def plot_perplexity(args, rows: list[dict[str, Any]]) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    recoveries = ["none", *sorted({r["recovery"] for r in rows if r["recovery"] != "none"})]
     for model in args.models:
         mine = [r for r in rows if r["model"] == model]
+        recoveries = ["none", *sorted({r["recovery"] for r in mine if r["recovery"] != "none"})]
         dense = next((r for r in mine if r["method"] == "dense"), None)
         methods = [m for m in dict.fromkeys(r["method"] for r in mine) if m != "dense"]
         if not methods:
