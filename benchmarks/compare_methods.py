@@ -54,7 +54,7 @@ the baselines ~1 h 20 min, the two searches with their recovery and evaluations 
 retention check ~25 min. Qwen2.5-0.5B (~4× SmolLM2's cost per token): evaluation ~3 min (2 × 4,096
 tokens), LoRA 5 steps ~4 min, FLAP's pruning ~4.5 min, so ~12 min per baseline; the 10-trial search
 ~45 min, of which ~26 min are the pool's per-sample statistics (two sequence lengths); the Qwen2.5 grid
-~2 h 30 min. On busier cores everything takes longer (the smoke run of 2026-11-28, on 2 cores loaded
+~2 h (2 h 02 min on 2026-12-01). On busier cores everything takes longer (the smoke run of 2026-11-28, on 2 cores loaded
 ~3× over, ran 5-20× slower). At ``--limit 5`` one task accuracy has a standard error of ~±22 points and
 the seven-task average ~±8: small-limit accuracies are indicative only; ``--full`` on a GPU gives the
 numbers to publish.
@@ -102,7 +102,7 @@ TASK_SHORT = {
 # The equal recovery budget of every method (``--finetune-steps`` sets max_steps).
 FINETUNE_FIXED = {"batch_size": 8, "micro_batch_size": 4, "warmup_steps": 5, "val_set_size": 0}
 # Budgets of the CPU grid: the defaults, and per model what replaces them when the flag is not given
-# (Qwen2.5-0.5B costs ~4x SmolLM2 per token: a smaller budget keeps the whole grid near 4 h on 2 cores).
+# (Qwen2.5-0.5B costs ~4x SmolLM2 per token: a smaller budget keeps the whole grid near 4 h 20 min on 2 cores).
 BUDGET_DEFAULTS = {"trials": 20, "finetune_steps": 10, "eval_tokens": 8192}
 MODEL_BUDGETS = {"qwen2.5-0.5b": {"trials": 10, "finetune_steps": 5, "eval_tokens": 4096}}
 
@@ -517,7 +517,6 @@ def retention_markdown(args) -> str:
 
 def retention_table(args, model: str, ratio: float, tag: str) -> list[str]:
     """The retention check's table of one model × ratio, with that model's settings."""
-    lines: list[str] = []
     dense = read_json(args.run_root / model / "dense" / f"{tag}.json")
     rows = [("dense", dense)]
     for method in retention_methods(args, model, ratio):
@@ -525,7 +524,7 @@ def retention_table(args, model: str, ratio: float, tag: str) -> list[str]:
         _, prefix = recovered(args, directory)
         rows.append((method_label(method, args), read_json(directory / f"{prefix}.{tag}.json")))
     recovery = "no recovery" if args.no_finetune else f"LoRA {steps_text(args)}"
-    lines += [
+    lines = [
         "",
         f"### Zero-shot retention check: {DISPLAY.get(model, model)} at ratio {ratio} ({recovery}), "
         f"first {args.retention_limit} documents per task",
