@@ -23,6 +23,7 @@ from adapruner import prune
 from adapruner.data import token_stream
 from adapruner.evaluation import perplexity
 from adapruner.models.loading import load_model
+from adapruner.pruning.io import write_json_atomic
 from adapruner.search import SearchSpace, search
 
 METHODS = {  # name -> (space, sampler)
@@ -38,10 +39,17 @@ def test_perplexities(model, tokens: dict[str, object], seq_len: int) -> dict[st
 
 
 def run_method(args, ratio: float, method: str, seed: int, run_dir: Path, tokens) -> dict:
-    """The study (continued if it exists), then the winner pruned for real and scored on test text."""
+    """The study (continued if it exists), then the winner pruned for real and scored on test text.
+
+    A row measured at another trial budget is measured again: the study continues up to ``--trials``.
+    """
     done = run_dir / "test.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    finished = studied_trials(run_dir)
+    if finished > args.trials:
+        raise SystemExit(f"{run_dir} holds {finished} trials, more than --trials {args.trials}: use another --run-root")
+    earlier = json.loads(done.read_text()) if done.is_file() else {}
+    if earlier and finished == args.trials:
+        return earlier
     space_name, sampler = METHODS[method]
     started = time.perf_counter()
     result = search(
@@ -55,7 +63,7 @@ def run_method(args, ratio: float, method: str, seed: int, run_dir: Path, tokens
         objective_tokens=args.objective_tokens,
         pruner=args.pruner,
     )
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started + earlier.get("search_seconds", 0.0)  # a continued study: both runs
     pruned = prune(args.model, from_run=run_dir)
     row = {
         "method": method,
@@ -65,10 +73,17 @@ def run_method(args, ratio: float, method: str, seed: int, run_dir: Path, tokens
         "baseline_validation": result["baseline"]["value"],
         "test": test_perplexities(pruned.model, tokens, args.seq_len),
         "search_seconds": round(seconds, 1),
+        "trials": result["finished"],
         "config": result["best"]["config"],
     }
-    done.write_text(json.dumps(row, indent=2))
+    write_json_atomic(done, row)
     return row
+
+
+def studied_trials(run_dir: Path) -> int:
+    """Finished trials of the study in ``run_dir`` when its outputs were last written (0 if none)."""
+    best = run_dir / "best.json"
+    return json.loads(best.read_text())["finished"] if best.is_file() else 0
 
 
 RECIPES = {  # row name -> `adapruner prune --method` preset, pruned as users run it
@@ -88,7 +103,7 @@ def run_recipe(args, ratio: float, seed: int, run_dir: Path, tokens, name: str =
     row |= {"test": test_perplexities(pruned.model, tokens, args.seq_len)}
     row["search_seconds"] = round(time.perf_counter() - started, 1)
     run_dir.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps(row, indent=2))
+    write_json_atomic(done, row)
     return row
 
 

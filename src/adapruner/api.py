@@ -19,6 +19,7 @@ from .data.pool import CalibrationPool, build_pool
 from .errors import AdaPrunerError
 from .importance import AGGREGATIONS, Importance, Statistics, collect_statistics, get_metric, score_groups
 from .importance.cache import StatisticsCache
+from .importance.fresh import FreshWindows
 from .importance.metrics import PerKind
 from .methods import get_method, with_method
 from .models.base import ModelAdapter, get_adapter
@@ -140,14 +141,21 @@ def parse_windows(text: str) -> tuple[int, int]:
 
 
 def activation_statistics(
-    model: torch.nn.Module, tokenizer: Any, modules: list[str], sources: str, windows: str, seed: int
+    model: torch.nn.Module,
+    tokenizer: Any,
+    modules: list[str],
+    sources: str,
+    windows: str,
+    seed: int,
+    fresh: FreshWindows | None = None,
 ) -> Statistics:
-    """Input sums and squares of ``modules`` over fresh calibration windows: a forward pass, no gradient."""
-    from .data import sample_mixture
+    """Input sums and squares of ``modules`` over fresh calibration windows: forward passes, no gradient.
 
+    A search passes its ``FreshWindows`` so that trials share the passes; ``prune`` runs the same batches.
+    """
     count, length = parse_windows(windows)
-    samples = sample_mixture(tokenizer, sources, count, length, seed=seed)
-    return collect_statistics(model, samples, modules, {"activations"}, batch_size=16)
+    fresh = fresh or FreshWindows(model, tokenizer, modules, reuse=False)
+    return fresh.statistics(sources, count, length, seed)
 
 
 @dataclass
@@ -266,7 +274,7 @@ def _versions() -> dict[str, str]:
     }
 
 
-FRESH_SEED = 0  # the search draws fresh activation windows with this seed: one pass per source mix
+FRESH_SEED = 0  # the search draws fresh activation windows with this seed: one pass per source, shared by mixes
 
 
 def _fresh_windows(value: str | None) -> str | None:

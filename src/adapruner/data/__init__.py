@@ -1,6 +1,12 @@
 """Text sources (offline, hub, local files) and the token tensors built from them."""
 
-from adapruner.data.calibration import sample_calibration, sample_mixture, split_sources, token_stream
+from adapruner.data.calibration import (
+    mixture_counts,
+    sample_calibration,
+    sample_mixture,
+    split_sources,
+    token_stream,
+)
 from adapruner.data.sources import (
     HUB_SOURCES,
     OFFLINE_SOURCES,
@@ -18,6 +24,7 @@ __all__ = [
     "SPLITS",
     "available_sources",
     "load_documents",
+    "mixture_counts",
     "sample_calibration",
     "sample_mixture",
     "split_documents",

@@ -49,12 +49,17 @@ def sample_mixture(
     tokenizer: PreTrainedTokenizerBase, sources: str | list[str], num_samples: int, seq_len: int, seed: int = 0
 ) -> torch.LongTensor:
     """``num_samples`` windows spread evenly over several sources (the first ones take the remainder)."""
+    parts = [sample_calibration(tokenizer, name, n, seq_len, seed) for name, n in mixture_counts(sources, num_samples)]
+    return torch.cat(parts)
+
+
+def mixture_counts(sources: str | list[str], num_samples: int) -> list[tuple[str, int]]:
+    """How many of ``num_samples`` windows each source gives: an even share, the first ones take the remainder."""
     names = split_sources(sources)
     if num_samples < len(names):
         raise AdaPrunerError(f"{num_samples} samples cannot cover {len(names)} sources: ask for more samples")
     share, extra = divmod(num_samples, len(names))
-    parts = [sample_calibration(tokenizer, name, share + (i < extra), seq_len, seed) for i, name in enumerate(names)]
-    return torch.cat(parts)
+    return [(name, share + (i < extra)) for i, name in enumerate(names)]
 
 
 def token_stream(

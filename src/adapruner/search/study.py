@@ -37,6 +37,7 @@ from ..errors import AdaPrunerError
 from ..evaluation.perplexity import windowed_nll, windows_of
 from ..importance import Statistics, score_groups
 from ..importance.cache import StatisticsCache, model_fingerprint
+from ..importance.fresh import FreshWindows
 from ..models import get_adapter, layer_groups
 from ..models.loading import load_model
 from ..pruning import Budget, masked
@@ -96,6 +97,7 @@ class Objective:
         self.ratio, self.layers, self.head_mode = ratio, layers, head_mode
         self.pool, self.space = pool, space
         self.caches = {pool.seq_len: cache}
+        self.fresh_windows = FreshWindows(model, tokenizer, cache.modules)  # source passes shared by the mixes
         self.windows = windows_of(valid_tokens, seq_len)
         if self.windows.shape[0] < steps:
             raise AdaPrunerError(
@@ -122,7 +124,8 @@ class Objective:
     def fresh_activations(self, config: TrialConfig) -> Statistics:
         """Activation statistics of N fresh windows of L tokens of the trial's sources (memoised).
 
-        The windows are drawn with one seed (``FRESH_SEED``), so each source mix costs one forward pass.
+        The windows are drawn with one seed (``FRESH_SEED``); each source's windows are run once and
+        shared by every mix that draws them (``FreshWindows``).
         """
         key = (config.sources, config.activation_calibration)
         if key not in self._fresh:
@@ -131,10 +134,11 @@ class Objective:
             self._fresh[key] = activation_statistics(
                 self.model,
                 self.tokenizer,
-                self.caches[self.pool.seq_len].modules,
+                self.fresh_windows.modules,
                 ",".join(config.sources),
                 config.activation_calibration,
                 FRESH_SEED,
+                self.fresh_windows,
             )
         return self._fresh[key]
 
