@@ -25,8 +25,8 @@ from adapruner.search import search
 
 def trial_kind(config: dict) -> str:
     """Where a completed trial's scores come from: the statistics cache alone, a gradient pass on its
-    subset (non-decomposable metrics), or activations of fresh windows (one forward pass per search,
-    memoized after the first trial that asks for them)."""
+    subset (non-decomposable metrics), or activations of fresh windows (forward passes that each source's
+    windows pay once per search, shared by every source mix that draws them)."""
     if config.get("activation_calibration", "pool") != "pool":
         return "fresh activation windows, completed"
     cfg = PruneConfig(

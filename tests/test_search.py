@@ -53,6 +53,20 @@ def test_search_starts_from_the_baseline_and_resumes(tiny_model_dir):
     assert all(r["state"] in {"COMPLETE", "PRUNED"} for r in rows)
 
 
+def test_resumed_random_search_draws_new_configurations(tiny_model_dir):
+    """A seeded sampler made again would replay its first draws: the continued run must not."""
+    import optuna
+
+    root = tiny_model_dir
+    run_search(root, trials=4, sampler="random", pruner="none")
+    run_search(root, trials=8, sampler="random", pruner="none")
+    study = optuna.load_study(study_name="adapruner", storage=f"sqlite:///{root / 'run' / 'study.db'}")
+    assert len(study.trials) == 8
+    assert not [t.number for t in study.trials if "duplicate_of" in t.user_attrs]
+    first, later = study.trials[:4], study.trials[4:]
+    assert all(t.params != u.params for t in later for u in first)
+
+
 def test_study_of_another_ratio_is_refused(tiny_model_dir):
     root = tiny_model_dir
     run_search(root, trials=1)

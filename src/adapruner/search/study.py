@@ -470,6 +470,8 @@ def search(
     starts = [baseline_params(space), *objective.warm_starts.values()]
     study = _open_study(shared or local, study_name, study_sampler, identity, starts)
     study.pruner = _pruner(pruner)
+    if shared is None and study.trials:
+        study.sampler = _sampler(sampler, resumed_seed(seed, len(study.trials)))
     if shared is None:
         _retry_interrupted(study)
     counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # failed trials are retried
@@ -508,6 +510,17 @@ def search(
             "pruner": pruner,
         },
     )
+
+
+def resumed_seed(seed: int, trials: int) -> int:
+    """The sampler seed of a run that continues a study of ``trials`` trials.
+
+    A sampler made again with the first run's seed replays the first run's random draws: a resumed
+    random search (or TPE still in its start-up trials) would propose the configurations it has
+    already measured and spend the budget on duplicates. Continuing from ``trials`` draws anew, and
+    the same interrupted study continued twice still proposes the same trials.
+    """
+    return (seed * 1_000_003 + trials) % 2**32
 
 
 def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
