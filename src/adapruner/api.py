@@ -141,21 +141,13 @@ def parse_windows(text: str) -> tuple[int, int]:
 
 
 def activation_statistics(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    modules: list[str],
-    sources: str,
-    windows: str,
-    seed: int,
-    fresh: FreshWindows | None = None,
+    model: torch.nn.Module, tokenizer: Any, modules: list[str], sources: str, windows: str, seed: int
 ) -> Statistics:
     """Input sums and squares of ``modules`` over fresh calibration windows: forward passes, no gradient.
 
-    A search passes its ``FreshWindows`` so that trials share the passes; ``prune`` runs the same batches.
+    The batches a search's shared ``FreshWindows`` runs, without the sharing.
     """
-    count, length = parse_windows(windows)
-    fresh = fresh or FreshWindows(model, tokenizer, modules, reuse=False)
-    return fresh.statistics(sources, count, length, seed)
+    return FreshWindows(model, tokenizer, modules, reuse=False).statistics(sources, *parse_windows(windows), seed)
 
 
 @dataclass

@@ -34,6 +34,8 @@ class _Run:
 
 def concat_rows(parts: list[Statistics]) -> Statistics:
     """The activation step tables of several passes as one (rows stacked in order)."""
+    if len(parts) == 1:
+        return parts[0]
     modules = parts[0].act_sum.keys()
     return Statistics(
         act_sum={m: torch.cat([p.act_sum[m] for p in parts]) for m in modules},
@@ -68,7 +70,7 @@ class FreshWindows:
     def statistics(self, sources: str | list[str], count: int, length: int, seed: int) -> Statistics:
         """``count`` windows of ``length`` tokens spread over ``sources`` (as ``sample_mixture`` draws them)."""
         parts = [self.for_source(name, n, length, seed) for name, n in mixture_counts(sources, count)]
-        return concat_rows(parts) if len(parts) > 1 else parts[0]
+        return concat_rows(parts)
 
     def for_source(self, source: str, count: int, length: int, seed: int) -> Statistics:
         windows = sample_calibration(self.tokenizer, source, count, length, seed)
@@ -82,7 +84,7 @@ class FreshWindows:
                 if self.reuse:
                     self._tails[key] = tail
             parts.append(tail)
-        return concat_rows(parts) if len(parts) > 1 else parts[0]
+        return concat_rows(parts)
 
     def _whole_batches(self, source: str, length: int, seed: int, windows: torch.Tensor) -> Statistics:
         if not self.reuse:

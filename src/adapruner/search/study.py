@@ -30,7 +30,7 @@ import sqlalchemy
 import torch
 from tqdm.auto import tqdm
 
-from ..api import FRESH_SEED, PruneConfig, activation_statistics, input_means, plan_for_scores, with_activations
+from ..api import FRESH_SEED, PruneConfig, input_means, parse_windows, plan_for_scores, with_activations
 from ..data import token_stream
 from ..data.pool import DEFAULT_POOL_PER_SOURCE, build_pool
 from ..errors import AdaPrunerError
@@ -131,15 +131,8 @@ class Objective:
         if key not in self._fresh:
             if self.tokenizer is None:
                 raise AdaPrunerError("fresh activation windows need the tokenizer: pass it to the Objective")
-            self._fresh[key] = activation_statistics(
-                self.model,
-                self.tokenizer,
-                self.fresh_windows.modules,
-                ",".join(config.sources),
-                config.activation_calibration,
-                FRESH_SEED,
-                self.fresh_windows,
-            )
+            count, length = parse_windows(config.activation_calibration)
+            self._fresh[key] = self.fresh_windows.statistics(list(config.sources), count, length, FRESH_SEED)
         return self._fresh[key]
 
     def plan_for(self, config: TrialConfig):
