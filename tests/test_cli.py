@@ -85,6 +85,12 @@ def test_l2_needs_no_calibration(tiny_model_dir):
         (["--calibration", "nosuchsource"], "unknown"),
         (["--metric", "wanda_sp", "--activation-calibration", "8by16"], "must look like 128x128"),
         (["--metric", "wanda_sp", "--activation-calibration", "5000x16"], "windows of 16 tokens"),
+        (["--refit", "magic"], "unknown --refit 'magic'"),
+        (["--refit", "lsq", "--refit-calibration", "2x8"], "saw 16 calibration tokens for 48 input features"),
+        (["--refit", "lsq", "--refit-calibration", "many"], "must look like 128x128"),
+        (["--refit", "lsq", "--refit-damping", "-1"], "--refit-damping -1.0 must lie in"),
+        (["--metric", "obs", "--ranking", "global"], "--metric obs chooses units inside each layer"),
+        (["--metric", "obs", "--refit", "bias"], "--metric obs refits by least squares"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tiny_model_dir, extra, message):
@@ -163,6 +169,32 @@ def test_every_metric_prunes_from_the_cli(tiny_model_dir, extra):
     assert result.exit_code == 0, result.output
     record = json.loads((root / "out" / "adapruner.json").read_text())
     assert record["config"]["metric"] == extra[1]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--refit", "lsq"],
+        ["--metric", "wifv", "--ranking", "global-all", "--refit", "lsq", "--no-refit-bias", "--refit-damping", "0.1"],
+        ["--metric", "obs", "--obs-rounds", "4"],
+        ["--metric", "obs", "--head-mode", "kv-group"],
+    ],
+)
+def test_refit_and_obs_prune_from_the_cli(tiny_model_dir, extra):
+    """The layer-by-layer engine from the CLI: a smaller, reloadable model and what the refit did in the record."""
+    from adapruner import load_pruned
+
+    root = tiny_model_dir
+    result = run(*prune_args(root, "--output", root / "out", "--refit-calibration", "40x16", *extra))
+    assert result.exit_code == 0, result.output
+    record = json.loads((root / "out" / "adapruner.json").read_text())
+    local = record["local"]
+    assert local["tokens"] == 640 and set(local["relative_errors"]) and 0 <= local["mean_relative_error"] < 1
+    assert record["config"]["refit"] == ("none" if record["config"]["metric"] == "obs" else "lsq")
+    assert bool(local["curves"]) == (record["config"]["metric"] == "obs")  # OBS records its error curves
+    assert record["params"]["pruned"] < record["params"]["dense"] and abs(record["achieved_ratio"] - 0.15) < 0.03
+    bias = load_pruned(root / "out").model.layers[1].mlp.down_proj.bias
+    assert (bias is None) == ("--no-refit-bias" in extra)
 
 
 def test_importance_command_writes_scores(tiny_model_dir):

@@ -265,7 +265,7 @@ def test_method_scores_match_naive_formulas():
 
 def test_every_method_prunes_a_tiny_model_to_the_ratio(tiny_model_dir):
     root = tiny_model_dir
-    common = {"calibration": str(root / "corpus.txt"), "num_samples": 4, "seq_len": 16}
+    common = {"calibration": str(root / "corpus.txt"), "num_samples": 4, "seq_len": 16, "refit_calibration": "64x16"}
     plans = {}
     for method in METHODS:
         result = prune(str(root / "tiny"), 0.15, method=method, **common)

@@ -227,7 +227,7 @@ def test_objective_reports_partial_perplexity_and_equals_the_full_pass(tiny_mode
     study.optimize(objective, n_trials=1)
     trial = study.trials[0]
     assert sorted(trial.intermediate_values) == [0, 1, 2]
-    plan, _, means = objective.plan_for(_config_of(trial))
+    plan, _, means, _ = objective.plan_for(_config_of(trial))
     assert means is None
     with masked(get_adapter(objective.model), plan):
         expected = perplexity(objective.model, valid, 16, progress=False)
@@ -267,7 +267,7 @@ def test_compensated_joint_trial_on_every_layer_equals_the_physically_pruned_mod
     study.optimize(objective, n_trials=1)
     trial = study.trials[0]
     assert trial.state.name == "COMPLETE"
-    plan, _, means = objective.plan_for(_config_of(trial))
+    plan, _, means, _ = objective.plan_for(_config_of(trial))
     assert means and all(name.endswith(("o_proj", "down_proj")) for name in means)
     assert plan.layers[0].shape != get_adapter(objective.model).layer_shape(0)  # layer 0 is in the range now
     pruned = copy.deepcopy(objective.model)
@@ -326,6 +326,43 @@ def test_flap_warm_start_is_trial_1_and_is_flap_exactly(tiny_model_dir):
     assert perplexity(pruned.model, tokens, 16, progress=False) == pytest.approx(flap_value, rel=1e-4)
 
 
+def test_refitted_warm_start_equals_method_flap_refit_and_prune_from_run(tiny_model_dir):
+    """FLAP refitted layer by layer is trial 2; the trial scores exactly what ``--method flap-refit`` and
+    ``prune --from-run`` give (refitted weights written in place for the trial, then restored)."""
+    import optuna
+
+    from adapruner import prune
+    from adapruner.data import token_stream
+    from adapruner.evaluation import perplexity
+    from adapruner.search.space import warm_start_params
+    from conftest import write_corpus
+
+    assert warm_start_params(SearchSpace(refits=["none"]), "flap-refit") is None  # no lsq in the space
+    root = tiny_model_dir
+    corpus = root / "big.txt"
+    write_corpus(corpus, documents=300, words=200)
+    space = SearchSpace(sources=[str(corpus)], num_samples=[4, 10], metrics=["element1", "wifv"])
+    kwargs = {"pool_per_source": 10, "objective_source": str(corpus), "objective_tokens": 512, "objective_seq_len": 16}
+    result = search(str(root / "tiny"), 0.15, trials=3, output=root / "run", space=space, **kwargs)
+    assert result["warm_starts"]["flap-refit"]["trial"] == 2
+    value = result["warm_starts"]["flap-refit"]["value"]
+    assert value != pytest.approx(result["warm_starts"]["flap"]["value"], rel=1e-4)  # the refit changes the model
+    study = optuna.load_study(study_name="adapruner", storage=f"sqlite:///{root / 'run' / 'study.db'}")
+    trial = study.trials[2]
+    assert trial.user_attrs["config"]["refit"] == "lsq" and not trial.user_attrs["config"]["compensate"]
+
+    baseline = prune(str(root / "tiny"), 0.15, method="flap-refit", calibration=str(corpus))
+    tokens = token_stream(baseline.tokenizer, str(corpus), "validation", 512)
+    assert perplexity(baseline.model, tokens, 16, progress=False) == pytest.approx(value, rel=1e-4)
+
+    best = json.loads((root / "run" / "best.json").read_text())
+    best["best"] |= {"trial": 2, "value": value, "config": trial.user_attrs["config"], "subset": None}
+    (root / "run" / "best.json").write_text(json.dumps(best))
+    pruned = prune(str(root / "tiny"), from_run=root / "run")
+    assert pruned.record["config"]["refit"] == "lsq" and pruned.record["local"]["tokens"] == 128 * 128
+    assert perplexity(pruned.model, tokens, 16, progress=False) == pytest.approx(value, rel=1e-4)
+
+
 def test_trials_only_draw_the_data_parameters_their_metric_reads():
     import optuna
 
@@ -340,8 +377,11 @@ def test_trials_only_draw_the_data_parameters_their_metric_reads():
         config = suggest(trial, space)
         return trial.params, config
 
-    l2, _ = params_of({"metric": "l2"})
+    l2, _ = params_of({"metric": "l2", "refit": "none"})
     assert not any(k.startswith(("use_", "num_samples", "subset_seed", "window")) for k in l2)
+    refitted, config = params_of({"metric": "l2", "refit": "lsq"})  # the refit reads the sources' windows only
+    assert any(k.startswith("use_") for k in refitted) and "num_samples" not in refitted
+    assert "compensate" not in refitted and config.refit == "lsq" and not config.compensate
     wifv, config = params_of({"metric": "wifv", "activation_calibration": "128x128"})
     assert "num_samples" not in wifv and "aggregation" not in wifv and config.activation_calibration == "128x128"
     element1, _ = params_of({"metric": "element1"})

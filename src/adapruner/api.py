@@ -21,6 +21,7 @@ from .importance import AGGREGATIONS, Importance, Statistics, collect_statistics
 from .importance.cache import StatisticsCache
 from .importance.fresh import FreshWindows
 from .importance.metrics import PerKind
+from .local import LocalResult, LocalSettings, local_prune
 from .methods import get_method, with_method
 from .models.base import ModelAdapter, get_adapter
 from .models.groups import HEAD_MODES, layer_groups
@@ -73,7 +74,15 @@ class PruneConfig:
     # "NxL": activation statistics (Wanda-sp, FLAP, compensation) from N fresh windows of L tokens of
     # ``calibration`` instead of the gradient samples; None: from the same samples
     activation_calibration: str | None = None
-    activation_seed: int | None = None  # seed of those windows (None: ``seed``)
+    activation_seed: int | None = None  # seed of those windows and of the refit's (None: ``seed``)
+    # Refit of the kept weights: "none"; "bias" (FLAP's compensation, the same as ``compensate``); "lsq"
+    # (layer by layer, least squares of the kept o_proj/down_proj columns, see adapruner.local). The
+    # ``obs`` metric always refits by least squares.
+    refit: str = "none"
+    refit_calibration: str = "128x128"  # NxL windows of ``calibration`` the layer-by-layer engine runs on
+    refit_damping: float = 1e-3  # fraction of the mean diagonal of each input Gram matrix (measured, README)
+    refit_bias: bool = True  # lsq/obs: refit a bias too (the kept columns fitted on centred inputs)
+    obs_rounds: int = 16  # obs: batches in which MLP channels are removed
 
     @classmethod
     def from_method(cls, model: str, ratio: float, method: str | None = None, **options: Any) -> PruneConfig:
@@ -84,7 +93,34 @@ class PruneConfig:
     def ranking_mode(self) -> str:
         return self.ranking or ("global" if self.global_ranking else "layer")
 
+    @property
+    def refit_mode(self) -> str:
+        """none, bias or lsq: ``compensate`` is FLAP's name for ``bias``; ``obs`` selection refits by lsq."""
+        if self.refit == "lsq" or self.local_selection:
+            return "lsq"
+        return "bias" if self.refit == "bias" or self.compensate else "none"
+
+    @property
+    def local_selection(self) -> bool:
+        """Structured OBS chooses the units inside the layer-by-layer engine (no static scores)."""
+        return self.metric == OBS
+
+    @property
+    def uses_local_engine(self) -> bool:
+        return self.refit_mode == "lsq"
+
+    def local_settings(self) -> LocalSettings:
+        return LocalSettings(
+            selection="obs" if self.local_selection else "plan",
+            refit="lsq",
+            damping=self.refit_damping,
+            bias=self.refit_bias,
+            rounds=self.obs_rounds,
+        )
+
     def build_metric(self) -> Importance:
+        if self.local_selection:
+            raise AdaPrunerError("the obs metric has no static scores: it selects inside the local engine")
         mlp = get_metric(self.metric, seed=self.seed, mix=self.mix)
         if self.attention_metric in (None, self.metric):
             return mlp
@@ -92,7 +128,9 @@ class PruneConfig:
 
     def statistic_needs(self) -> frozenset[str]:
         """What the statistics pass must collect: the metric's needs, plus activations to compensate."""
-        return self.build_metric().needs | ({"activations"} if self.compensate else frozenset())
+        if self.local_selection:
+            return frozenset()
+        return self.build_metric().needs | ({"activations"} if self.refit_mode == "bias" else frozenset())
 
     def fresh_activations(self) -> bool:
         """Activation statistics come from their own fresh windows rather than the calibration samples.
@@ -115,7 +153,9 @@ class PruneConfig:
 
     def validate(self) -> None:
         self.budget()
-        self.build_metric()
+        self._validate_refit()
+        if not self.local_selection:
+            self.build_metric()
         if self.method is not None:
             get_method(self.method)
         if self.ranking_mode not in RANKINGS:
@@ -130,6 +170,26 @@ class PruneConfig:
             raise AdaPrunerError("--num-samples must be >= 1 and --seq-len >= 2")
         if self.activation_calibration is not None:
             parse_windows(self.activation_calibration)
+
+    def _validate_refit(self) -> None:
+        if self.refit not in REFIT_MODES:
+            raise AdaPrunerError(f"unknown --refit '{self.refit}': choose one of {', '.join(REFIT_MODES)}")
+        if self.uses_local_engine:
+            parse_windows(self.refit_calibration)
+            self.local_settings()
+        if not self.local_selection:
+            return
+        if self.refit == "bias" or self.compensate:
+            raise AdaPrunerError("--metric obs refits by least squares: drop --refit bias / --compensate")
+        if self.ranking_mode != "layer" or self.attention_metric not in (None, OBS):
+            raise AdaPrunerError(
+                "--metric obs chooses units inside each layer at the budget's per-layer rates: use --ranking layer "
+                "and no --attention-metric"
+            )
+
+
+OBS = "obs"  # structured OBS selection: a metric name that the local engine, not a score, implements
+REFIT_MODES = ("none", "bias", "lsq")
 
 
 def parse_windows(text: str) -> tuple[int, int]:
@@ -224,17 +284,56 @@ def _scores_and_statistics(
 
 def compute_plan(
     model: torch.nn.Module, tokenizer: Any, cfg: PruneConfig, samples: torch.Tensor | None = None
-) -> tuple[PrunePlan, dict]:
+) -> tuple[PrunePlan | None, dict]:
     """Score the groups of the pruned layers and keep the best units under the budget.
 
-    With ``cfg.compensate``, ``info["input_means"]`` holds the calibration mean of every o_proj/down_proj
+    With bias compensation, ``info["input_means"]`` holds the calibration mean of every o_proj/down_proj
     input of the pruned layers, for :func:`~adapruner.pruning.apply.prune_physically` and ``masked``.
+    With the ``obs`` metric there are no scores: the plan is None and ``info["keep"]`` holds the per-layer
+    keep counts the local engine selects to (:func:`run_local`).
     """
+    if cfg.local_selection:
+        adapter = get_adapter(model)
+        layer_range = parse_layer_range(cfg.layers, adapter.num_layers)
+        dense_params = count_params(model)
+        keep = solve_keep_counts(adapter, cfg.budget(layer_range), dense_params)
+        return None, {"layers": list(layer_range), "dense_params": dense_params, "rate": keep.rate, "keep": keep}
     scores, budget, stats = _scores_and_statistics(model, tokenizer, cfg, samples)
     plan, info = plan_for_scores(model, scores, budget, cfg)
-    if cfg.compensate:
+    if cfg.refit_mode == "bias":
         info["input_means"] = input_means(get_adapter(model), budget.layers, stats)
     return plan, info
+
+
+def refit_windows(tokenizer: Any, cfg: PruneConfig) -> torch.Tensor:
+    """The calibration windows of the layer-by-layer engine: ``refit_calibration`` of ``calibration``."""
+    from .data import sample_mixture
+
+    count, length = parse_windows(cfg.refit_calibration)
+    seed = cfg.seed if cfg.activation_seed is None else cfg.activation_seed
+    return sample_mixture(tokenizer, cfg.calibration, count, length, seed=seed)
+
+
+def run_local(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    cfg: PruneConfig,
+    plan: PrunePlan | None,
+    info: dict,
+    restore: bool = False,
+    windows: torch.Tensor | None = None,
+) -> LocalResult:
+    """Refit (and, for ``obs``, select) layer by layer: see :func:`adapruner.local.local_prune`."""
+    windows = refit_windows(tokenizer, cfg) if windows is None else windows
+    return local_prune(
+        model,
+        windows,
+        cfg.local_settings(),
+        plan=None if cfg.local_selection else plan,
+        keep=info.get("keep"),
+        head_mode=cfg.head_mode,
+        restore=restore,
+    )
 
 
 OUTPUTS = ("o_proj", "down_proj")  # the projections whose removed inputs bias compensation replaces
@@ -307,7 +406,9 @@ def _options_from_run(run_dir: Path) -> tuple[float, dict[str, Any], dict[str, A
             "depth_slope": config.get("depth_slope", 0.0),
             "depth_bend": config.get("depth_bend", 0.0),
             "activation_calibration": fresh,
-            "activation_seed": FRESH_SEED if fresh else None,
+            "refit": config.get("refit", "none"),
+            "refit_calibration": best.get("space", {}).get("refit_calibration", "128x128"),
+            "activation_seed": FRESH_SEED if fresh or config.get("refit", "none") != "none" else None,
         }
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise AdaPrunerError(f"{path} is corrupted ({exc}): run the search again") from None
@@ -354,6 +455,11 @@ def prune(
         samples = pool.truncated(cfg.seq_len).input_ids[searched["subset"]]
     with _timed(timings, "score"):
         plan, info = compute_plan(hf_model, tokenizer, cfg, samples)
+    local = None
+    if cfg.uses_local_engine:
+        with _timed(timings, "refit"):
+            local = run_local(hf_model, tokenizer, cfg, plan, info)
+        plan = local.plan
     with _timed(timings, "prune"):
         prune_physically(get_adapter(hf_model), plan, input_means=info.get("input_means"))
     pruned_params = count_params(hf_model)
@@ -368,6 +474,7 @@ def prune(
         "layer_range": info["layers"],
         "config": asdict(cfg),
         "search": searched,
+        "local": None if local is None else local.summary(),
         "layer_shapes": [s.to_dict() for s in plan.shapes()],
         "plan": plan.to_dict(),
         "versions": _versions(),

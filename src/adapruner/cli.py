@@ -63,7 +63,11 @@ def assets_fetch(
 ModelArg = Annotated[str, typer.Argument(help="Asset name (smollm2-135m), local directory or hub id.")]
 Ratio = Annotated[float, typer.Option(help="Fraction of the whole model's parameters to remove.")]
 Metric = Annotated[
-    str, typer.Option(help="random, l1, l2, element1, element2, second, vector, wanda_sp, flap, wifv or mix.")
+    str,
+    typer.Option(
+        help="random, l1, l2, element1, element2, second, vector, wanda_sp, flap, wifv, mix, or obs (structured "
+        "OBS inside the layer-by-layer engine, refitted by least squares)."
+    ),
 ]
 Mix = Annotated[str | None, typer.Option(help="Weights for --metric mix, e.g. element1=0.7,wanda_sp=0.3.")]
 Aggregation = Annotated[str, typer.Option(help="sum, mean, max, prod or last over coupled layers.")]
@@ -95,6 +99,21 @@ ActivationCalibration = Annotated[
         "--calibration, e.g. 128x128 (default: the same samples as the gradients)."
     ),
 ]
+
+
+Refit = Annotated[
+    str,
+    typer.Option(
+        help="none; bias (FLAP's compensation, = --compensate); lsq (layer by layer, least-squares refit of the "
+        "kept o_proj/down_proj columns and a bias on the pruned model's own inputs)."
+    ),
+]
+RefitCalibration = Annotated[
+    str, typer.Option(help="Windows of --calibration the layer-by-layer engine (lsq, obs) runs on, NxL.")
+]
+RefitDamping = Annotated[float, typer.Option(help="lsq/obs ridge: fraction of the mean diagonal of each Gram matrix.")]
+RefitBias = Annotated[bool, typer.Option(help="lsq/obs: refit a bias too (--no-refit-bias keeps the old one).")]
+ObsRounds = Annotated[int, typer.Option(help="obs: batches in which MLP channels are removed.")]
 
 
 def _config_options(values: dict[str, Any]) -> dict[str, Any]:
@@ -131,8 +150,8 @@ def prune(
         str | None,
         typer.Option(
             help="A baseline preset: random, l2, llm-pruner-element1, llm-pruner-element2, llm-pruner-vector, "
-            "wanda-sp or flap. It sets metric, aggregation, calibration, layers, ranking and compensation; "
-            "options given explicitly still override it."
+            "wanda-sp, flap, flap-refit or local-obs. It sets metric, aggregation, calibration, layers, ranking and "
+            "refit; options given explicitly still override it."
         ),
     ] = None,
     metric: Metric = "element1",
@@ -154,6 +173,11 @@ def prune(
     compensate: Annotated[
         bool, typer.Option(help="FLAP's bias compensation: removed o_proj/down_proj inputs live on as a bias.")
     ] = False,
+    refit: Refit = "none",
+    refit_calibration: RefitCalibration = "128x128",
+    refit_damping: RefitDamping = 1e-3,
+    refit_bias: RefitBias = True,
+    obs_rounds: ObsRounds = 16,
     seed: Seed = 0,
     dtype: Dtype = "float32",
     device_map: DeviceMap = None,

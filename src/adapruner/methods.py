@@ -97,6 +97,23 @@ METHODS: dict[str, Method] = {
                 **FLAP_CALIBRATION,
             },
         ),
+        Method(
+            "flap-refit",
+            f"{FLAP}'s selection, refitted as ZipLM / SlimGPT / Týr-the-Pruner refit (adapruner.local)",
+            "FLAP's units (wifv, global-all) on the same 128 wiki windows of 128 tokens; then, layer by layer on "
+            "the pruned model's own inputs, the kept o_proj/down_proj columns and a bias refitted by least "
+            "squares to the dense layer's outputs (--refit lsq)",
+            {"metric": "wifv", "aggregation": "sum", "ranking": "global-all", "refit": "lsq", **FLAP_CALIBRATION},
+        ),
+        Method(
+            "local-obs",
+            "structured OBS (ZipLM, Kurtic et al., NeurIPS 2023; SlimGPT, Ling et al., NeurIPS 2024; "
+            "Týr-the-Pruner, NeurIPS 2025: src/local_pruner.py)",
+            "layer by layer on the pruned model's own inputs, heads and MLP channels removed a batch at a time "
+            "by the least rise of the layer's reconstruction error, the rest refitted by least squares; the "
+            "same rate in every layer of LLM-Pruner's range; 128 wiki windows of 128 tokens",
+            {"metric": "obs", "aggregation": "sum", "refit": "lsq", **FLAP_CALIBRATION, "layers": None},
+        ),
     )
 }
 

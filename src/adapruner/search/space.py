@@ -22,7 +22,8 @@ from ..util import read_options_file
 SPACES = ("joint", "data", "metric")
 WINDOW_STATS = ("none", "loss", "grad_norm")
 DEFAULT_LAYERS = "default"  # LLM-Pruner's layer range for the model (adapruner.pruning.default_layer_range)
-WARM_STARTS = ("flap",)
+WARM_STARTS = ("flap", "flap-refit")
+REFITS = ("none", "lsq")  # "bias" is the `compensate` dimension
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class TrialConfig:
     compensate: bool  # FLAP's bias compensation of the removed o_proj/down_proj inputs
     layers: str  # a layer range label of SearchSpace.layer_ranges ("default": LLM-Pruner's range)
     activation_calibration: str  # "pool": the subset's activations; "NxL": N fresh windows of L tokens
+    refit: str = "none"  # "lsq": the kept o_proj/down_proj columns refitted layer by layer (adapruner.local)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,10 +72,13 @@ class SearchSpace:
     rankings: list[str] = field(default_factory=lambda: ["layer", "global", "global-all"])
     compensate: list[bool] = field(default_factory=lambda: [False, True])
     layer_ranges: list[str] = field(default_factory=lambda: [DEFAULT_LAYERS, "0:"])  # "START:END" or "default"
-    warm_starts: list[str] = field(default_factory=lambda: ["flap"])  # enqueued after trial 0
+    warm_starts: list[str] = field(default_factory=lambda: ["flap", "flap-refit"])  # enqueued after trial 0
     # activation statistics (wanda_sp, flap, wifv, compensation) may come from N fresh windows of L
     # tokens of the chosen sources ("NxL", a forward pass, memoised) instead of the pool subset
     fresh_activations: list[str] = field(default_factory=lambda: ["128x128"])
+    # "lsq": refit the kept weights layer by layer on refit_calibration windows (NxL) of the trial's sources
+    refits: list[str] = field(default_factory=lambda: ["none", "lsq"])
+    refit_calibration: str = "128x128"
     space: str = "joint"
 
     def __post_init__(self) -> None:
@@ -136,8 +141,13 @@ class SearchSpace:
             )
         from ..api import parse_windows
 
-        for windows in self.fresh_activations:
+        for windows in [*self.fresh_activations, self.refit_calibration]:
             parse_windows(windows)
+        if not self.refits or set(self.refits) - set(REFITS) or "none" not in self.refits:
+            raise AdaPrunerError(
+                f"the search space's refits {self.refits} must list 'none' (LLM-Pruner's choice, trial 0) and "
+                f"optionally 'lsq'"
+            )
         unknown = sorted(set(self.warm_starts) - set(WARM_STARTS))
         if unknown:
             raise AdaPrunerError(f"unknown warm start {unknown}: choose from {', '.join(WARM_STARTS)} (or none)")
@@ -186,6 +196,7 @@ def baseline_params(space: SearchSpace) -> dict[str, Any]:
     if space.space != "data":
         params |= {"metric": "element1", "aggregation": "sum", "attention_scale": 1.0, "ranking": "layer"}
         params |= {"depth_slope": 0.0, "depth_bend": 0.0, "compensate": False, "layers": DEFAULT_LAYERS}
+        params["refit"] = "none"
         if space.separate_attention_metric:
             params["attention_metric"] = "same"
     return params
@@ -201,7 +212,10 @@ def warm_start_params(space: SearchSpace, name: str, max_samples: int | None = N
     more and longer samples; ``adapruner prune --method flap`` is the faithful baseline). Only the
     metric subspace carries FLAP's choices, so a ``data`` ablation gets no warm start.
     """
-    if name != "flap" or space.space == "data":
+    if name not in WARM_STARTS or space.space == "data":
+        return None
+    refit = name == "flap-refit"
+    if refit and "lsq" not in space.refits:
         return None
     every_layer = next((r for r in space.layer_ranges if r.replace(" ", "") == "0:"), None)
     if "wifv" not in space.metrics or "global-all" not in space.rankings or True not in space.compensate:
@@ -209,7 +223,8 @@ def warm_start_params(space: SearchSpace, name: str, max_samples: int | None = N
     if every_layer is None:
         return None
     params = {"metric": "wifv", "attention_scale": 1.0, "ranking": "global-all"}  # wifv has no aggregation
-    params |= {"depth_slope": 0.0, "depth_bend": 0.0, "compensate": True, "layers": every_layer}
+    params |= {"depth_slope": 0.0, "depth_bend": 0.0, "layers": every_layer}
+    params |= {"refit": "lsq"} if refit else {"refit": "none", "compensate": True}
     if space.separate_attention_metric:
         params["attention_metric"] = "same"
     if space.space == "joint":
@@ -234,7 +249,7 @@ def suggest(trial: optuna.Trial, space: SearchSpace) -> TrialConfig:
     """The metric subspace first: which statistics it reads decides which data parameters matter."""
     config = BASELINE.to_dict() | (_suggest_metric(trial, space) if space.space != "data" else {})
     if space.space != "metric":
-        config |= _suggest_data(trial, space, *_reads(config))
+        config |= _suggest_data(trial, space, *_reads(config), refit=config["refit"] != "none")
     return TrialConfig(**config)
 
 
@@ -245,7 +260,8 @@ def _reads(config: dict[str, Any]) -> tuple[bool, bool]:
     needs = frozenset().union(
         *(get_metric(m, mix=config["mix"]).needs for m in {config["metric"], config["attention_metric"]} if m)
     )
-    return bool(needs & {"grad", "fisher"}), "activations" in needs or config["compensate"]
+    compensate = config["compensate"] and config["refit"] == "none"
+    return bool(needs & {"grad", "fisher"}), "activations" in needs or compensate
 
 
 def _uses_aggregation(metric: str) -> bool:
@@ -255,17 +271,19 @@ def _uses_aggregation(metric: str) -> bool:
     return METRICS[metric].uses_aggregation
 
 
-def _suggest_data(trial: optuna.Trial, space: SearchSpace, gradients: bool, activations: bool) -> dict[str, Any]:
-    """Only the parameters the trial reads: none for data-free metrics (l2, random), and no pool subset
-    when every statistic comes from fresh activation windows."""
-    if not (gradients or activations):
+def _suggest_data(
+    trial: optuna.Trial, space: SearchSpace, gradients: bool, activations: bool, refit: bool = False
+) -> dict[str, Any]:
+    """Only the parameters the trial reads: none for data-free metrics (l2, random) without a refit, and no
+    pool subset when every statistic comes from fresh activation windows (a refit reads only the sources)."""
+    if not (gradients or activations or refit):
         return {}
     chosen = tuple(s for s in space.sources if trial.suggest_categorical(f"use_{s}", [True, False]))
     data: dict[str, Any] = {"sources": chosen or tuple(space.sources)}
     if activations and space.fresh_activations:
         choices = ["pool", *space.fresh_activations]
         data["activation_calibration"] = trial.suggest_categorical("activation_calibration", choices)
-    if gradients or data.get("activation_calibration", "pool") == "pool":
+    if gradients or (activations and data.get("activation_calibration", "pool") == "pool"):
         data["subset_seed"] = trial.suggest_int("subset_seed", 0, space.subset_seeds - 1)
         window = None
         stat = trial.suggest_categorical("window_stat", list(WINDOW_STATS))
@@ -302,6 +320,12 @@ def _suggest_metric(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
         "depth_slope": trial.suggest_float("depth_slope", *space.depth_slope),
         "depth_bend": trial.suggest_float("depth_bend", *space.depth_bend),
         "ranking": trial.suggest_categorical("ranking", list(space.rankings)),
-        "compensate": trial.suggest_categorical("compensate", list(space.compensate)),
         "layers": trial.suggest_categorical("layers", list(space.layer_ranges)),
-    }
+    } | _suggest_refit(trial, space)
+
+
+def _suggest_refit(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
+    """``lsq`` refits the kept weights (its bias replaces FLAP's compensation, which is then not drawn)."""
+    refit = trial.suggest_categorical("refit", list(space.refits))
+    compensate = refit == "none" and trial.suggest_categorical("compensate", list(space.compensate))
+    return {"refit": refit, "compensate": compensate}

@@ -31,13 +31,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..api import FRESH_SEED, PruneConfig, input_means, parse_windows, plan_for_scores, with_activations
-from ..data import token_stream
+from ..data import sample_mixture, token_stream
 from ..data.pool import DEFAULT_POOL_PER_SOURCE, build_pool
 from ..errors import AdaPrunerError
 from ..evaluation.perplexity import windowed_nll, windows_of
 from ..importance import Statistics, score_groups
 from ..importance.cache import StatisticsCache, model_fingerprint
 from ..importance.fresh import FreshWindows
+from ..local import applied, local_prune
 from ..models import get_adapter, layer_groups
 from ..models.loading import load_model
 from ..pruning import Budget, masked
@@ -94,6 +95,7 @@ class Objective:
     ) -> None:
         self.model, self.adapter, self.tokenizer = model, get_adapter(model), tokenizer
         self._fresh: dict[tuple, Statistics] = {}
+        self._refit_windows: dict[tuple[str, ...], torch.Tensor] = {}
         self.ratio, self.layers, self.head_mode = ratio, layers, head_mode
         self.pool, self.space = pool, space
         self.caches = {pool.seq_len: cache}
@@ -135,14 +137,9 @@ class Objective:
             self._fresh[key] = self.fresh_windows.statistics(list(config.sources), count, length, FRESH_SEED)
         return self._fresh[key]
 
-    def plan_for(self, config: TrialConfig):
-        """The plan a trial's configuration gives, built exactly as ``adapruner prune`` builds it.
-
-        Returns the plan, the calibration subset and, with compensation, the subset's mean input of
-        every o_proj/down_proj (None otherwise).
-        """
-        layers = self.layers[config.layers]
-        cfg = PruneConfig(
+    def prune_config(self, config: TrialConfig) -> PruneConfig:
+        """The PruneConfig of a trial (``prune --from-run`` builds the same one from ``best.json``)."""
+        return PruneConfig(
             model="",
             ratio=self.ratio,
             metric=config.metric,
@@ -157,7 +154,26 @@ class Objective:
             head_mode=self.head_mode,
             seed=config.subset_seed,
             activation_calibration=None if config.activation_calibration == "pool" else config.activation_calibration,
+            refit=config.refit,
+            refit_calibration=self.space.refit_calibration,
         )
+
+    def refit_windows(self, config: TrialConfig) -> torch.Tensor:
+        """The layer-by-layer engine's windows: ``refit_calibration`` of the trial's sources, seed FRESH_SEED."""
+        if config.sources not in self._refit_windows:
+            count, length = parse_windows(self.space.refit_calibration)
+            windows = sample_mixture(self.tokenizer, list(config.sources), count, length, seed=FRESH_SEED)
+            self._refit_windows[config.sources] = windows
+        return self._refit_windows[config.sources]
+
+    def plan_for(self, config: TrialConfig):
+        """The plan a trial's configuration gives, built exactly as ``adapruner prune`` builds it.
+
+        Returns the plan, the calibration subset, with compensation the subset's mean input of every
+        o_proj/down_proj (None otherwise) and with ``refit`` lsq the refitted projections (None otherwise).
+        """
+        layers = self.layers[config.layers]
+        cfg = self.prune_config(config)
         metric = cfg.build_metric()
         fresh = cfg.fresh_activations()
         subset, stats = None, Statistics()
@@ -171,8 +187,12 @@ class Objective:
             stats = with_activations(stats, self.fresh_activations(config))
         scores = score_groups(self.model, self.groups_for(layers), metric, stats, config.aggregation)
         plan, _ = plan_for_scores(self.model, scores, cfg.budget(layers), cfg)
-        means = input_means(self.adapter, layers, stats) if config.compensate else None
-        return plan, subset, means
+        means = input_means(self.adapter, layers, stats) if cfg.refit_mode == "bias" else None
+        refits = None
+        if cfg.uses_local_engine:
+            local = local_prune(self.model, self.refit_windows(config), cfg.local_settings(), plan=plan, restore=True)
+            refits = local.refits
+        return plan, subset, means, refits
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran (or abandoned) it
@@ -192,22 +212,25 @@ class Objective:
             return earlier.value
         clock = time.perf_counter()
         try:
-            plan, subset, means = self.plan_for(config)
+            plan, subset, means, refits = self.plan_for(config)
         except AdaPrunerError as exc:  # e.g. a quantile window leaves too few samples
             raise optuna.TrialPruned(str(exc)) from None
         seconds = {"importance": time.perf_counter() - clock}
         trial.set_user_attr("subset", subset)
         trial.set_user_attr("kept", [list(asdict(s).values()) for s in plan.shapes()])
         try:
-            return self._evaluate(trial, plan, seconds, means)
+            return self._evaluate(trial, plan, seconds, means, refits)
         finally:
             trial.set_user_attr("seconds", {k: round(v, 3) for k, v in seconds.items()})
 
-    def _evaluate(self, trial: optuna.Trial, plan, seconds: dict[str, float], means=None) -> float:
-        """Masked validation perplexity, chunk by chunk; times masking and evaluation separately."""
+    def _evaluate(self, trial: optuna.Trial, plan, seconds: dict[str, float], means=None, refits=None) -> float:
+        """Masked validation perplexity, chunk by chunk; times masking and evaluation separately.
+
+        Refitted projections are written in place for the evaluation and the dense weights put back after.
+        """
         total_nll, total_tokens = 0.0, 0
         clock = time.perf_counter()
-        with torch.no_grad(), masked(self.adapter, plan, input_means=means):
+        with torch.no_grad(), masked(self.adapter, plan, input_means=means), applied(self.model, refits or {}):
             seconds["masking"] = time.perf_counter() - clock
             clock = time.perf_counter()
             for step, chunk in enumerate(self.windows.tensor_split(self.steps)):

@@ -1,0 +1,259 @@
+"""The linear algebra of local pruning: input moments, least-squares refit and structured OBS selection.
+
+Notation for one projection ``y = W x + b`` (o_proj or down_proj), ``x`` its input over the calibration
+tokens, ``K`` the input columns that stay. Everything is solved on the *Gram matrix* of the input:
+
+* without a bias column, ``A = E[x xᵀ]`` (the second moment), and the refit keeps the old bias;
+* with a bias column, ``A = Cov(x)`` (centred) and the bias absorbs the mean: the affine least squares
+  ``min E||W x + b - W'_K x_K - b'||²`` splits into the centred fit of ``W'_K`` and
+  ``b' = b + W μ - W'_K μ_K``. FLAP's bias compensation is the special case ``W'_K = W_K``.
+
+Least squares (``refit_columns``): ``W'_K = W A_{:,K} (A_KK + λ I)⁻¹`` with ``λ = damping · mean diag A_KK``.
+
+Structured OBS (``obs_select``, ZipLM / SlimGPT / Týr-the-Pruner): with ``A⁻¹`` over the kept columns,
+removing the column group ``S`` raises the reconstruction error by ``ε_S = tr(W_S [(A⁻¹)_SS]⁻¹ W_Sᵀ)``;
+the best update of the remaining columns is ``δW = -W_S [(A⁻¹)_SS]⁻¹ (A⁻¹)_{S,:}`` and the inverse of
+the remaining block is ``A⁻¹ - (A⁻¹)_{:,S} [(A⁻¹)_SS]⁻¹ (A⁻¹)_{S,:}``. Groups go a batch at a time, the
+cheapest first; the error after each batch is recorded (an error-vs-removed curve per layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import AdaPrunerError
+
+MAX_DAMPING = 1e3  # past this the damping fallback gives up: the statistics are unusable
+MIN_PIVOT = 1e-10  # smallest squared Cholesky pivot, relative to the largest: past it the matrix counts as singular
+
+
+@dataclass
+class InputMoments:
+    """Sum of ``x xᵀ`` and of ``x`` over calibration tokens, accumulated in fp64 (bf16/fp16-safe)."""
+
+    width: int
+    device: torch.device | str = "cpu"
+    gram: torch.Tensor = field(init=False)
+    total: torch.Tensor = field(init=False)
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.gram = torch.zeros(self.width, self.width, dtype=torch.float64, device=self.device)
+        self.total = torch.zeros(self.width, dtype=torch.float64, device=self.device)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Fold a batch of inputs ``[..., width]`` in (products in fp32 at least, sums in fp64)."""
+        x = x.detach().reshape(-1, self.width)
+        x = x if x.dtype == torch.float64 else x.float()
+        self.gram += (x.T @ x).to(device=self.gram.device, dtype=torch.float64)
+        self.total += x.sum(0).to(device=self.total.device, dtype=torch.float64)
+        self.tokens += x.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.tokens, 1)
+
+    def gram_matrix(self, centred: bool) -> torch.Tensor:
+        """``E[x xᵀ]``, or ``Cov(x)`` when ``centred`` (the bias column's share removed)."""
+        second = self.gram / max(self.tokens, 1)
+        if centred:
+            mean = self.mean
+            second = second - torch.outer(mean, mean)
+        return second
+
+    def check(self, name: str, min_tokens: int | None = None) -> None:
+        """Refuse statistics that cannot give a sound refit: too few tokens, or inf/NaN inputs."""
+        if not bool(torch.isfinite(self.gram).all()):
+            raise AdaPrunerError(
+                f"the inputs of {name} overflowed (inf/NaN in its statistics): load the model in float32 or "
+                "bfloat16 (--dtype) instead of float16"
+            )
+        needed = self.width if min_tokens is None else min_tokens
+        if self.tokens < needed:
+            raise AdaPrunerError(
+                f"the refit of {name} saw {self.tokens} calibration tokens for {self.width} input features: "
+                f"give at least {needed} (e.g. --refit-calibration 128x128)"
+            )
+
+
+@dataclass
+class Refit:
+    """A projection's refitted weights: ``weight`` full width, zero in the removed columns; ``bias`` or None."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    damping: float  # the damping actually used (more than asked if the matrix needed it)
+
+
+def _damped_cholesky(matrix: torch.Tensor, damping: float, name: str) -> tuple[torch.Tensor, float]:
+    """Cholesky factor of ``matrix + λ I``; λ grows ×10 until the factor exists (reported by the caller)."""
+    scale = float(matrix.diagonal().mean().clamp_min(1e-12))
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    current = damping
+    while current <= MAX_DAMPING:
+        factor, info = torch.linalg.cholesky_ex(matrix + current * scale * eye)
+        pivots = factor.diagonal().abs()
+        sound = int(info) == 0 and bool(torch.isfinite(factor).all())
+        if sound and float(pivots.min()) ** 2 >= MIN_PIVOT * float(pivots.max()) ** 2:
+            return factor, current
+        current = max(current * 10, 1e-6)
+    raise AdaPrunerError(
+        f"the input statistics of {name} are singular even with damping {MAX_DAMPING:g}: use more (and more "
+        "varied) calibration text (--refit-calibration)"
+    )
+
+
+def damped_inverse(matrix: torch.Tensor, damping: float, name: str = "a projection") -> tuple[torch.Tensor, float]:
+    """``(matrix + λ·mean(diag)·I)⁻¹`` and the damping used."""
+    factor, used = _damped_cholesky(matrix, damping, name)
+    return torch.cholesky_inverse(factor), used
+
+
+def refit_columns(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    moments: InputMoments,
+    kept: torch.Tensor,
+    damping: float,
+    with_bias: bool,
+    name: str = "a projection",
+) -> Refit:
+    """Least-squares weights of the kept input columns that reproduce ``W x + b`` (see the module docstring)."""
+    w = weight.detach().to(device=moments.gram.device, dtype=torch.float64)
+    gram = moments.gram_matrix(centred=with_bias)
+    kept = kept.to(gram.device)
+    factor, used = _damped_cholesky(gram[kept][:, kept], damping, name)
+    rhs = gram[kept] @ w.T  # A_{K,:} Wᵀ
+    new_kept = torch.cholesky_solve(rhs, factor).T  # [out, |K|]
+    new = torch.zeros_like(w)
+    new[:, kept] = new_kept
+    new_bias = None if bias is None else bias.detach().to(torch.float64).to(gram.device)
+    if with_bias:
+        mean = moments.mean
+        shift = w @ mean - new_kept @ mean[kept]
+        new_bias = shift if new_bias is None else new_bias + shift
+    _check_finite(new, new_bias, name)
+    return Refit(new.to(weight.dtype), None if new_bias is None else new_bias.to(weight.dtype), used)
+
+
+def bias_compensation(
+    weight: torch.Tensor, bias: torch.Tensor | None, moments: InputMoments, kept: torch.Tensor
+) -> Refit:
+    """FLAP's compensation as a refit: kept columns unchanged, the removed ones' mean input becomes bias."""
+    w = weight.detach().to(device=moments.gram.device, dtype=torch.float64)
+    removed = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+    removed[kept.to(w.device)] = False
+    shift = w[:, removed] @ moments.mean[removed]
+    new = w.clone()
+    new[:, removed] = 0
+    new_bias = shift if bias is None else bias.detach().to(torch.float64).to(w.device) + shift
+    return Refit(new.to(weight.dtype), new_bias.to(weight.dtype), 0.0)
+
+
+def _check_finite(weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> None:
+    if not bool(torch.isfinite(weight).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
+        raise AdaPrunerError(f"the refit of {name} produced inf/NaN weights: raise --refit-damping")
+
+
+def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, gram: torch.Tensor) -> float:
+    """``tr(ΔW A ΔWᵀ)``: mean squared output error of the refit over the calibration tokens."""
+    delta = (weight.to(gram) - new_weight.to(gram)).detach()
+    return float(((delta @ gram) * delta).sum())
+
+
+@dataclass
+class Selection:
+    """What structured OBS keeps, and the error curve it walked: (units removed, error) per batch."""
+
+    kept_units: list[int]
+    curve: list[tuple[int, float]]
+
+
+def obs_select(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    unit_width: int,
+    keep: int,
+    blocks: int = 1,
+    rounds: int = 16,
+    damping: float = 0.01,
+    name: str = "a projection",
+) -> Selection:
+    """Greedy structured OBS over the input columns of ``weight``, ``unit_width`` columns per unit.
+
+    Keeps ``keep`` units, the same number in each of ``blocks`` consecutive runs of units (GQA query heads
+    per KV group). Removes units in ``rounds`` batches (at most one unit per block and round when
+    ``blocks > 1``, so every block loses its cheapest unit in turn), cheapest ``ε`` first, updating the
+    inverse and the weights exactly after each batch. The returned curve starts at (0, 0.0).
+    """
+    num_units = weight.shape[1] // unit_width
+    per_block = num_units // blocks
+    if keep % blocks or not 0 < keep <= num_units:
+        raise AdaPrunerError(f"{name}: cannot keep {keep} of {num_units} units evenly over {blocks} blocks")
+    inverse, _ = damped_inverse(gram, damping, name)
+    w = weight.detach().to(gram).clone()
+    alive = torch.ones(num_units, dtype=torch.bool)
+    curve: list[tuple[int, float]] = [(0, 0.0)]
+    to_remove, removed, error = num_units - keep, 0, 0.0
+    steps = to_remove // blocks if blocks > 1 else min(max(rounds, 1), to_remove)
+    for step in range(steps):
+        costs = _unit_costs(w, inverse, unit_width, alive)
+        if blocks > 1:
+            picked = [b * per_block + int(costs[b * per_block : (b + 1) * per_block].argmin()) for b in range(blocks)]
+        else:
+            count = (to_remove - removed + (steps - step) - 1) // (steps - step)
+            picked = costs.argsort()[:count].tolist()
+        columns = torch.cat([torch.arange(u * unit_width, (u + 1) * unit_width) for u in picked]).to(gram.device)
+        error += _remove_columns(w, inverse, columns)
+        alive[picked] = False
+        removed += len(picked)
+        curve.append((removed, error))
+    return Selection(alive.nonzero().squeeze(1).tolist(), curve)
+
+
+def _unit_costs(w: torch.Tensor, inverse: torch.Tensor, width: int, alive: torch.Tensor) -> torch.Tensor:
+    """ε of removing each unit alone (inf for units already gone)."""
+    num_units = alive.numel()
+    if width == 1:
+        diag = inverse.diagonal().clamp_min(1e-30)
+        costs = w.pow(2).sum(0) / diag
+    else:
+        costs = torch.empty(num_units, dtype=w.dtype)
+        for unit in range(num_units):
+            if not alive[unit]:
+                continue
+            cols = slice(unit * width, (unit + 1) * width)
+            block = inverse[cols, cols]
+            w_s = w[:, cols]
+            costs[unit] = (w_s @ torch.linalg.solve(block, w_s.T)).trace()  # tr(W_S [(A⁻¹)_SS]⁻¹ W_Sᵀ)
+    costs = costs.cpu().clone()
+    costs[~alive] = float("inf")
+    return costs
+
+
+def _remove_columns(w: torch.Tensor, inverse: torch.Tensor, cols: torch.Tensor) -> float:
+    """Remove columns ``cols`` jointly: exact OBS update of ``w`` and ``inverse`` in place; returns ε."""
+    block = inverse[cols][:, cols]
+    solve_w = torch.linalg.solve(block, w[:, cols].T)  # [(A⁻¹)_SS]⁻¹ W_Sᵀ
+    error = float((w[:, cols] * solve_w.T).sum())
+    rows = inverse[cols]  # (A⁻¹)_{S,:}
+    w -= solve_w.T @ rows
+    inverse -= rows.T @ torch.linalg.solve(block, rows)
+    w[:, cols] = 0
+    inverse[cols] = 0
+    inverse[:, cols] = 0
+    return error
+
+
+__all__ = [
+    "InputMoments",
+    "Refit",
+    "Selection",
+    "bias_compensation",
+    "damped_inverse",
+    "obs_select",
+    "reconstruction_error",
+    "refit_columns",
+]
