@@ -2,13 +2,14 @@
 
 Grid (default): SmolLM2-135M (``smollm2-135m``) at ratios 0.2 and 0.5, Qwen2.5-0.5B (``qwen2.5-0.5b``,
 fetched with ``adapruner.assets.fetch`` when missing) at 0.2. For each model × ratio every method of
-:mod:`adapruner.methods` (random, l2, llm-pruner-element1/element2/vector, wanda-sp, flap) is pruned with
+:mod:`adapruner.methods` (random, l2, llm-pruner-element1/element2/vector, wanda-sp, flap, flap-refit,
+local-obs) is pruned with
 its preset, and AdaPruner searches ``--trials`` trials (TPE, the default space, LLM-Pruner's recipe as
 trial 0) and prunes with the winner (``prune --from-run``). Every pruned model is then
 
-* evaluated as is: perplexity on the wiki and news *test* splits (128-token windows, the first
-  ``--eval-tokens`` tokens of each) and the seven zero-shot tasks (BoolQ, PIQA, HellaSwag, WinoGrande,
-  ARC-e, ARC-c, OpenBookQA) on the first ``--limit`` documents of each;
+* evaluated as is: perplexity on the wiki, news, books and squad *test* splits (128-token windows, the
+  first ``--eval-tokens`` tokens of each) with their geometric mean, and the seven zero-shot tasks
+  (BoolQ, PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OpenBookQA) on the first ``--limit`` documents of each;
 * LoRA-recovered with the same budget for all: ``--finetune-steps`` optimizer steps of 8 examples
   (micro-batches of 4) of ``--cutoff-len`` tokens of ``--finetune-data`` (default ``wiki``, its train
   split), 5 warm-up steps, LLM-Pruner's LoRA settings otherwise (r 8, alpha 16, lr 1e-4, all seven
@@ -36,9 +37,10 @@ ones. Layout::
                                                               are named: adapruner-pool10-obj512-search)
     RUN_ROOT/results.md, results.csv, ppl_vs_ratio_<model>.png, retention_<model>_r<ratio>.png
 
-``results.md`` holds one table per model × ratio (method, recovery, params, wiki/news perplexity, the
-seven accuracies, their average, its retention in % of the dense average, and the wall time of pruning
-or search, fine-tuning and evaluation); ``results.csv`` one row per model × ratio × method × recovery.
+``results.md`` holds one table per model × ratio (method, recovery, params, the four perplexities, their
+geometric mean and its ratio to FLAP's, the seven accuracies, their average, its retention in % of the
+dense average, and the wall time of pruning or search, fine-tuning and evaluation); ``results.csv`` one
+row per model × ratio × method × recovery.
 The markdown is printed to stdout at the end. Units that fail are reported and the run goes on (exit
 status 1 at the end); ``--report-only`` rebuilds the report from what exists, ``--dry-run`` lists the
 units still to run.
@@ -88,7 +90,9 @@ from adapruner.pruning.io import write_json_atomic, write_text_atomic
 ADAPRUNER = "adapruner"
 DEFAULT_GRID = {"smollm2-135m": [0.2, 0.5], "qwen2.5-0.5b": [0.2]}
 DISPLAY = {"smollm2-135m": "SmolLM2-135M-Instruct", "qwen2.5-0.5b": "Qwen2.5-Coder-0.5B-Instruct"}
-PPL_SOURCES = ("wiki", "news")
+PPL_SOURCES = ("wiki", "news", "books", "squad")
+GEOMEAN = "geomean"  # their geometric mean (evaluate's "geomean@128")
+REFERENCE = "flap"  # the "x FLAP" column: geometric mean / FLAP's (same model, ratio and recovery)
 PPL_SEQ_LEN = 128
 TASK_SHORT = {
     "boolq": "BoolQ",
@@ -229,7 +233,7 @@ def lora_name(args) -> str:
 
 def eval_tag(args) -> str:
     """What decides an evaluation file: test tokens, document limit, tasks."""
-    tag = f"eval-tok{args.eval_tokens or 'all'}-lim{args.limit or 'all'}"
+    tag = f"eval-src{len(PPL_SOURCES)}-tok{args.eval_tokens or 'all'}-lim{args.limit or 'all'}"
     if not args.tasks:
         return tag + "-nozs"
     if list(args.tasks) != list(SEVEN_TASKS):
@@ -457,7 +461,7 @@ def recovered(args, directory: Path) -> tuple[Path, str]:
 
 
 def best_baseline(args, model: str, ratio: float) -> str | None:
-    """The baseline with the lowest wiki test perplexity after recovery (before it, with --no-finetune)."""
+    """The baseline with the lowest geometric-mean test perplexity after recovery (before it, with --no-finetune)."""
     rows = [
         r
         for r in collect_rows(args)
@@ -465,9 +469,9 @@ def best_baseline(args, model: str, ratio: float) -> str | None:
         and r["ratio"] == ratio
         and r["method"] in METHODS
         and (r["recovery"] == "none") == args.no_finetune
-        and r["wiki_ppl"] is not None
+        and r[f"{GEOMEAN}_ppl"] is not None
     ]
-    return min(rows, key=lambda r: r["wiki_ppl"])["method"] if rows else None
+    return min(rows, key=lambda r: r[f"{GEOMEAN}_ppl"])["method"] if rows else None
 
 
 def retention_methods(args, model: str, ratio: float) -> list[str]:
@@ -557,7 +561,7 @@ def read_json(path: Path) -> dict | None:
 def row_from_eval(results: dict, tasks: list[str]) -> dict[str, Any]:
     zs = results.get("zero_shot") or {}
     row: dict[str, Any] = {"params": results.get("params")}
-    for source in PPL_SOURCES:
+    for source in (*PPL_SOURCES, GEOMEAN):
         row[f"{source}_ppl"] = results.get("perplexity", {}).get(f"{source}@{PPL_SEQ_LEN}")
     for task in tasks:
         entry = zs.get("tasks", {}).get(task)
@@ -613,6 +617,10 @@ def model_rows(args, model: str, ratio: float) -> list[dict[str, Any]]:
             row["retention"] = 100 * row["average"] / reference if row["average"] is not None and reference else None
             row["table_ratio"] = ratio
             rows.append(row)
+    for row in rows:  # geometric mean against FLAP's with the same recovery
+        flap = next((r for r in rows if r["method"] == REFERENCE and r["recovery"] == row["recovery"]), None)
+        ours, theirs = row.get(f"{GEOMEAN}_ppl"), flap and flap.get(f"{GEOMEAN}_ppl")
+        row["vs_flap"] = ours / theirs if ours and theirs and row["method"] != "dense" else None
     return rows
 
 
@@ -627,6 +635,8 @@ def fmt(value: Any, kind: str) -> str:
         return f"{100 * value:.1f}"
     if kind == "pct":
         return f"{value:.1f}%"
+    if kind == "x":
+        return f"{value:.3f}×"
     if kind == "s":
         return f"{value:.0f} s" if value < 600 else f"{value / 60:.0f} min"
     return str(value)
@@ -662,14 +672,16 @@ def markdown(args, rows: list[dict[str, Any]]) -> str:
     lines = [
         "## Pruning methods compared",
         "",
-        f"Perplexity: {PPL_SEQ_LEN}-token windows of the wiki and news test splits. "
+        f"Perplexity: {PPL_SEQ_LEN}-token windows of the wiki, news, books and squad test splits and their geometric "
+        "mean (geo); × FLAP = geo / FLAP's geo with the same recovery. "
         + (
             "Zero-shot: accuracy in % (acc or acc_norm as LLM-Pruner reports); retention = average / dense average. "
             if args.tasks
             else "No zero-shot tasks. "
         )
         + "Recovery: the same LoRA budget for every method of a model. AdaPruner: TPE search (LLM-Pruner's "
-        "recipe is trial 0, FLAP trial 1), then `prune --from-run`. Times: wall seconds of each step.",
+        "recipe is trial 0, FLAP trial 1, FLAP refitted trial 2), then `prune --from-run`. Times: wall seconds of "
+        "each step.",
     ]
     task_heads = [TASK_SHORT.get(t, t) for t in args.tasks]
     for model, ratio in args.grid:
@@ -684,11 +696,12 @@ def markdown(args, rows: list[dict[str, Any]]) -> str:
         if not mine:
             lines.append("(no results yet)")
             continue
-        head = ["method", "recovery", "params", "wiki ppl", "news ppl", *task_heads, "average", "retention", "time"]
+        ppl_heads = [f"{s} ppl" for s in PPL_SOURCES] + ["geo", "× FLAP"]
+        head = ["method", "recovery", "params", *ppl_heads, *task_heads, "average", "retention", "time"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in mine:
             cells = [r["method"], r["recovery"], fmt(r["params"], "params")]
-            cells += [fmt(r[f"{s}_ppl"], "ppl") for s in PPL_SOURCES]
+            cells += [fmt(r[f"{s}_ppl"], "ppl") for s in (*PPL_SOURCES, GEOMEAN)] + [fmt(r.get("vs_flap"), "x")]
             cells += [fmt(r[t], "acc") for t in args.tasks]
             cells += [fmt(r["average"], "acc"), fmt(r["retention"], "pct"), time_cell(r)]
             lines.append("| " + " | ".join(cells) + " |")
@@ -702,7 +715,8 @@ CSV_FIELDS = [
     "recovery",
     "params",
     "achieved_ratio",
-    *(f"{s}_ppl" for s in PPL_SOURCES),
+    *(f"{s}_ppl" for s in (*PPL_SOURCES, GEOMEAN)),
+    "vs_flap",
 ]
 
 
@@ -746,8 +760,11 @@ def save_figure(fig, path: Path) -> None:
             os.unlink(tmp)
 
 
+PLOTTED = (*PPL_SOURCES, GEOMEAN)
+
+
 def plot_perplexity(args, rows: list[dict[str, Any]]) -> list[Path]:
-    """Per model: perplexity vs ratio, one line per method; columns without / with LoRA, rows wiki / news."""
+    """Per model: perplexity vs ratio, one line per method; columns without / with LoRA, rows the sources + geo."""
     import matplotlib.pyplot as plt
 
     written = []
@@ -759,9 +776,9 @@ def plot_perplexity(args, rows: list[dict[str, Any]]) -> list[Path]:
         if not methods:
             continue
         fig, axes = plt.subplots(
-            len(PPL_SOURCES), len(recoveries), figsize=(5.5 * len(recoveries), 3.8 * len(PPL_SOURCES)), squeeze=False
+            len(PLOTTED), len(recoveries), figsize=(5.5 * len(recoveries), 3.8 * len(PLOTTED)), squeeze=False
         )
-        for i, source in enumerate(PPL_SOURCES):
+        for i, source in enumerate(PLOTTED):
             for j, recovery in enumerate(recoveries):
                 ax = axes[i][j]
                 for method in methods:

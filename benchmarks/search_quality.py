@@ -4,11 +4,13 @@ vs joint TPE, at equal trial budgets, over several seeds (SmolLM2 by default).
 For every ratio and seed one pool is built (its statistics are cached and shared by all methods); each
 method runs its own study in ``RUN_ROOT/r{ratio}/{method}/seed{seed}`` (rerunning the script continues
 finished work instead of redoing it), the winner is pruned physically with ``prune --from-run``, and
-its perplexity is measured on the *test* splits, which the search never sees. LLM-Pruner's recipe is
+its perplexity is measured on the *test* splits (wiki, news, books, squad and their geometric mean),
+which the search never sees. LLM-Pruner's recipe is
 trial 0 of every study (same seed, same pool). Prints one table per ratio: mean ± half-range over
 seeds, the change against the recipe (targets: >= 25% lower at 0.2, >= 40% at 0.5; joint TPE <
-random search) and, per method, on how many seeds it beats random search. FLAP (``prune --method
-flap``) is a reference row: the strongest published recipe here, and a warm start of the joint space.
+random search) and, per method, on how many seeds it beats random search (geometric mean). FLAP,
+FLAP refitted (``prune --method flap-refit``) and structured OBS (``local-obs``) are reference rows: the
+strongest recipes here, the first two warm starts of the joint space.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from adapruner import prune
 from adapruner.data import token_stream
 from adapruner.evaluation import perplexity
+from adapruner.evaluation.perplexity import GEOMEAN, geometric_mean
 from adapruner.models.loading import load_model
 from adapruner.pruning.io import write_json_atomic
 from adapruner.search import SearchSpace, search
@@ -35,7 +38,9 @@ METHODS = {  # name -> (space, sampler)
 
 
 def test_perplexities(model, tokens: dict[str, object], seq_len: int) -> dict[str, float]:
-    return {name: perplexity(model, ids, seq_len, progress=False) for name, ids in tokens.items()}
+    """Test perplexity per source and, with several sources, their geometric mean (``geomean``)."""
+    values = {name: perplexity(model, ids, seq_len, progress=False) for name, ids in tokens.items()}
+    return values | ({GEOMEAN: geometric_mean(list(values.values()))} if len(values) > 1 else {})
 
 
 def run_method(args, ratio: float, method: str, seed: int, run_dir: Path, tokens) -> dict:
@@ -89,6 +94,8 @@ def studied_trials(run_dir: Path) -> int:
 RECIPES = {  # row name -> `adapruner prune --method` preset, pruned as users run it
     "LLM-Pruner recipe": "llm-pruner-element1",  # element1, sum, 10 books windows of 64 tokens
     "FLAP": "flap",  # WIFV, joint ranking over all layers, bias compensation, 128 wiki windows of 128 tokens
+    "FLAP-refit": "flap-refit",  # FLAP's units, refitted layer by layer by least squares
+    "local-obs": "local-obs",  # structured OBS + refit, uniform rate over LLM-Pruner's layer range
 }
 
 
@@ -137,7 +144,7 @@ def paired_wins(rows: list[dict], method: str, other: str, source: str) -> str:
 def print_table(ratio: float, rows: list[dict], sources: list[str]) -> None:
     print(f"\n### SmolLM2 at ratio {ratio}: test perplexity @128 (mean ± half-range over seeds)\n")
     head = ["method", "seeds", "validation", *(f"{s} test" for s in sources)]
-    head += [f"{s} vs recipe" for s in sources] + [f"{sources[0]}: seeds better than random", "time"]
+    head += [f"{s} vs recipe" for s in sources] + [f"{sources[-1]}: seeds better than random", "time"]
     print("| " + " | ".join(head) + " |")
     print("|---" * len(head) + "|")
     recipe = [r for r in rows if r["method"] == "LLM-Pruner recipe"]
@@ -148,7 +155,7 @@ def print_table(ratio: float, rows: list[dict], sources: list[str]) -> None:
         cells = [method, str(len(mine)), spread([r["validation"] for r in mine])]
         cells += [spread([r["test"][s] for r in mine]) for s in sources]
         cells += change_cells(mine, recipe if method != "LLM-Pruner recipe" else mine, sources)
-        cells.append(paired_wins(rows, method, "random", sources[0]) if method != "random" else "—")
+        cells.append(paired_wins(rows, method, "random", sources[-1]) if method != "random" else "—")
         seconds = [r.get("search_seconds") for r in mine if r.get("search_seconds")]
         cells.append(f"{statistics.fmean(seconds) / 60:.1f} min" if seconds else "—")  # recipes: pruning time
         print("| " + " | ".join(cells) + " |")
@@ -161,10 +168,10 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--trials", type=int, default=20, help="trials per study (equal for every method)")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--no-flap", action="store_true", help="skip the FLAP reference rows")
+    parser.add_argument("--no-flap", action="store_true", help="skip the FLAP, FLAP-refit and local-obs rows")
     parser.add_argument("--objective-tokens", type=int, default=4096)
     parser.add_argument("--pruner", default="percentile")
-    parser.add_argument("--test-sources", default="wiki,news")
+    parser.add_argument("--test-sources", default="wiki,news,books,squad")
     parser.add_argument("--test-tokens", type=int, default=8192)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--run-root", type=Path, default=Path("runs/bench/search_quality"))
@@ -178,14 +185,14 @@ def main() -> None:
         rows = []
         for seed in map(int, args.seeds.split(",")):
             rows.append(run_recipe(args, ratio, seed, args.run_root / f"r{ratio}" / "recipe" / f"seed{seed}", tokens))
-            if not args.no_flap:
-                flap_dir = args.run_root / f"r{ratio}" / "flap" / f"seed{seed}"
-                rows.append(run_recipe(args, ratio, seed, flap_dir, tokens, "FLAP"))
+            for name in [] if args.no_flap else [n for n in RECIPES if n != "LLM-Pruner recipe"]:
+                recipe_dir = args.run_root / f"r{ratio}" / RECIPES[name] / f"seed{seed}"
+                rows.append(run_recipe(args, ratio, seed, recipe_dir, tokens, name))
             for method in args.methods.split(","):
                 run_dir = args.run_root / f"r{ratio}" / method.replace(" ", "-") / f"seed{seed}"
                 rows.append(run_method(args, ratio, method, seed, run_dir, tokens))
                 print(f"r={ratio} seed={seed} {method}: {rows[-1]['test']}", flush=True)
-        print_table(ratio, rows, sources)
+        print_table(ratio, rows, [*sources, GEOMEAN] if len(sources) > 1 else sources)
         all_rows += rows
     out = args.run_root / "search_quality.json"
     out.write_text(json.dumps(all_rows, indent=2))

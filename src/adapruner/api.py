@@ -16,6 +16,7 @@ import torch
 
 from . import __version__
 from .data.pool import CalibrationPool, build_pool
+from .data.sources import OFFLINE_SOURCES
 from .errors import AdaPrunerError
 from .importance import AGGREGATIONS, Importance, Statistics, collect_statistics, get_metric, score_groups
 from .importance.cache import StatisticsCache
@@ -553,7 +554,7 @@ def load_pruned(directory: str | Path, dtype: str = "float32", device_map: str |
 def evaluate(
     model: str | torch.nn.Module,
     *,
-    ppl: tuple[str, ...] | list[str] = ("wiki", "news"),
+    ppl: tuple[str, ...] | list[str] = OFFLINE_SOURCES,
     seq_len: tuple[int, ...] | list[int] = (128,),
     max_tokens: int | None = 40_960,
     batch_size: int = 8,
@@ -567,12 +568,16 @@ def evaluate(
 ) -> dict:
     """Perplexity on the test split of each source at each window length, and zero-shot accuracy.
 
+    With several sources, ``perplexity["geomean@L"]`` is their geometric mean at window length ``L``
+    (each source weighted equally: a model that gains on one text and loses on another shows it).
+
     ``tasks`` (e.g. ``["boolq", "piqa"]`` or ``"boolq,piqa"``) are run with lm-evaluation-harness (see
     :mod:`adapruner.evaluation.zeroshot`) on the first ``limit`` documents of each (None: all), offline
     from the fetched task data unless ``task_source="hub"``. ``batch_size`` is used for both.
     """
     from .data import token_stream
     from .evaluation import perplexity
+    from .evaluation.perplexity import GEOMEAN, geometric_mean
 
     names = None
     if tasks:
@@ -595,6 +600,10 @@ def evaluate(
             value = perplexity(model, tokens, length, batch_size)
             results["perplexity"][f"{source}@{length}"] = value
             log(f"{name}: {source} perplexity @{length} = {value:.2f}")
+    if len(ppl) > 1:
+        for length in seq_len:
+            values = [results["perplexity"][f"{source}@{length}"] for source in ppl]
+            results["perplexity"][f"{GEOMEAN}@{length}"] = geometric_mean(values)
     versions = _versions()
     if names:
         zs = zeroshot.zero_shot(

@@ -372,7 +372,9 @@ def pool(
 @user_errors
 def evaluate(
     model: Annotated[str, typer.Argument(help="Asset name, pruned or plain model directory, or hub id.")],
-    ppl: Annotated[str, typer.Option(help="Comma-separated text sources (test split).")] = "wiki,news",
+    ppl: Annotated[
+        str, typer.Option(help="Comma-separated text sources (test split); several add their geometric mean.")
+    ] = "wiki,news,books,squad",
     seq_len: Annotated[str, typer.Option(help="Comma-separated window lengths.")] = "128",
     max_tokens: Annotated[int, typer.Option(help="Use at most this many test tokens per source (0: all).")] = 40960,
     batch_size: Annotated[int, typer.Option(help="Windows (perplexity) or requests (tasks) per forward pass.")] = 8,

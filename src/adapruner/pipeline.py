@@ -44,7 +44,7 @@ class RunConfig:
     baseline_calibration: str = "books"  # LLM-Pruner's calibration text
     finetune_data: str | None = "wiki"  # None: no recovery stage
     finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields, e.g. max_steps
-    ppl: list[str] = field(default_factory=lambda: ["wiki", "news"])
+    ppl: list[str] = field(default_factory=lambda: ["wiki", "news", "books", "squad"])
     seq_len: list[int] = field(default_factory=lambda: [128])
     eval_tokens: int | None = 40_960
     tasks: list[str] = field(default_factory=lambda: list(SEVEN_TASKS))

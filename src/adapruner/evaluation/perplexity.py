@@ -28,6 +28,16 @@ def perplexity(
     return math.exp(total_nll / total_tokens)
 
 
+GEOMEAN = "geomean"  # key prefix of the geometric mean over sources in evaluate's results ("geomean@128")
+
+
+def geometric_mean(values: list[float]) -> float:
+    """exp(mean log): the average of perplexities over sources, each source weighted equally."""
+    if not values:
+        raise AdaPrunerError("no perplexity to average")
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
 def windows_of(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
     """``[len(tokens) // seq_len, seq_len]`` non-overlapping windows (the tail is dropped)."""
     if seq_len < 2:
