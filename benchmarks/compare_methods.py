@@ -662,9 +662,10 @@ def settings_text(args) -> str:
         else f"LoRA {steps_text(args)} × 8 examples × {args.cutoff_len} tokens of `{args.finetune_data}`"
     )
     return (
-        f"Settings: perplexity on the first {args.eval_tokens or 'all'} tokens of each test split; "
-        + (f"zero-shot on the first {args.limit or 'all'} documents per task; " if args.tasks else "")
-        + f"recovery {lora_text}; AdaPruner's search {args.trials} trials."
+        f"Settings: perplexity on the first {args.eval_tokens or 'all'} tokens of each test split"
+        + (f"; zero-shot on the first {args.limit or 'all'} documents per task" if args.tasks else "")
+        + ("; no recovery" if args.no_finetune else f"; recovery {lora_text}")
+        + (f"; AdaPruner's search {args.trials} trials." if ADAPRUNER in args.methods else ".")
     )
 
 
@@ -697,13 +698,15 @@ def markdown(args, rows: list[dict[str, Any]]) -> str:
             lines.append("(no results yet)")
             continue
         ppl_heads = [f"{s} ppl" for s in PPL_SOURCES] + ["geo", "× FLAP"]
-        head = ["method", "recovery", "params", *ppl_heads, *task_heads, "average", "retention", "time"]
+        zero_shot = ["average", "retention"] if args.tasks else []
+        head = ["method", "recovery", "params", *ppl_heads, *task_heads, *zero_shot, "time"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in mine:
             cells = [r["method"], r["recovery"], fmt(r["params"], "params")]
             cells += [fmt(r[f"{s}_ppl"], "ppl") for s in (*PPL_SOURCES, GEOMEAN)] + [fmt(r.get("vs_flap"), "x")]
             cells += [fmt(r[t], "acc") for t in args.tasks]
-            cells += [fmt(r["average"], "acc"), fmt(r["retention"], "pct"), time_cell(r)]
+            cells += [fmt(r["average"], "acc"), fmt(r["retention"], "pct")] if args.tasks else []
+            cells.append(time_cell(r))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

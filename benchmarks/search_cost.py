@@ -26,7 +26,10 @@ from adapruner.search import search
 def trial_kind(config: dict) -> str:
     """Where a completed trial's scores come from: the statistics cache alone, a gradient pass on its
     subset (non-decomposable metrics), or activations of fresh windows (forward passes that each source's
-    windows pay once per search, shared by every source mix that draws them)."""
+    windows pay once per search, shared by every source mix that draws them); a least-squares refit
+    (a layer-by-layer pass over the refit windows) is a kind of its own."""
+    if config.get("refit", "none") == "lsq":
+        return "least-squares refit, completed"
     if config.get("activation_calibration", "pool") != "pool":
         return "fresh activation windows, completed"
     cfg = PruneConfig(
@@ -70,18 +73,18 @@ def main() -> None:
     timing = f"this run's wall time {wall / 60:.1f} min" if wall is not None else "wall time: see the run that made it"
     print(f"{args.model} at ratio {args.ratio}: {len(study.trials)} trials; {timing}")
     print(f"one evaluation pass ({args.objective_tokens} validation tokens @128, dense): {floor:.2f}s\n")
-    print("| trials | n | importance (s) | masking (s) | evaluation (s) | total (s) | total / eval pass |")
-    print("|---|---|---|---|---|---|---|")
+    print("| trials | n | importance (s) | refit (s) | masking (s) | evaluation (s) | total (s) | total / eval pass |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, group in groups.items():
         if not group:
             continue
         parts = {
             k: statistics.median(t.user_attrs["seconds"].get(k, 0.0) for t in group)
-            for k in ("importance", "masking", "evaluation")
+            for k in ("importance", "refit", "masking", "evaluation")
         }
         total = statistics.median(sum(t.user_attrs["seconds"].values()) for t in group)
         print(
-            f"| {name} | {len(group)} | {parts['importance']:.2f} | {parts['masking']:.3f} | "
+            f"| {name} | {len(group)} | {parts['importance']:.2f} | {parts['refit']:.2f} | {parts['masking']:.3f} | "
             f"{parts['evaluation']:.2f} | {total:.2f} | {total / floor:.2f}x |"
         )
     print("\nmedians per group; targets: cache-served total <= 1.5x the evaluation pass, 50 trials <= 15 min")

@@ -82,12 +82,12 @@ def test_obs_cost_is_the_exact_refit_error_and_the_curve_is_monotone():
     x = torch.randn(300, 12, generator=gen, dtype=torch.float64) @ torch.randn(12, 12, generator=gen).double()
     w = torch.randn(5, 12, generator=gen, dtype=torch.float64)
     gram = x.T @ x / x.shape[0]
-    moments = _moments(x)
     errors = []
     for unit in range(4):  # units of 3 columns
         kept = torch.tensor([c for c in range(12) if c // 3 != unit])
-        refit = refit_columns(w, None, moments, kept, damping=0.0, with_bias=False)
+        refit = refit_columns(w, None, _moments(x), kept, damping=0.0, with_bias=False)
         errors.append(reconstruction_error(w, refit.weight, gram))
+        assert refit.error == pytest.approx(errors[-1] / reconstruction_error(w, torch.zeros_like(w), gram), rel=1e-6)
     selection = obs_select(w, gram, unit_width=3, keep=3, damping=0.0)
     first_removed = next(u for u in range(4) if u not in selection.kept_units)
     assert first_removed == min(range(4), key=errors.__getitem__)

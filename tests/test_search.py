@@ -279,14 +279,10 @@ def test_compensated_joint_trial_on_every_layer_equals_the_physically_pruned_mod
     assert uncompensated.trials[0].value != pytest.approx(trial.value, rel=1e-6)  # compensation changes the model
 
 
-def test_flap_warm_start_is_trial_1_and_is_flap_exactly(tiny_model_dir):
+def test_flap_warm_starts_are_trials_1_and_2_and_are_the_methods_exactly(tiny_model_dir):
     """Without --layers the space holds every layer, so FLAP's recipe (its own 128 x 128 calibration
-    windows, drawn fresh) is enqueued right after LLM-Pruner's and scores what ``--method flap`` gives."""
-    import optuna
-
-    from adapruner import prune
-    from adapruner.data import token_stream
-    from adapruner.evaluation import perplexity
+    windows, drawn fresh) is enqueued right after LLM-Pruner's and scores what ``--method flap`` gives;
+    FLAP refitted layer by layer follows and scores what ``--method flap-refit`` gives."""
     from adapruner.search.space import warm_start_params
     from conftest import write_corpus
 
@@ -300,67 +296,51 @@ def test_flap_warm_start_is_trial_1_and_is_flap_exactly(tiny_model_dir):
     in_pool = warm_start_params(SearchSpace(fresh_activations=[]), "flap", max_samples=10)
     assert in_pool["num_samples"] == 10 and "activation_calibration" not in in_pool
 
+    assert warm_start_params(SearchSpace(refits=["none"]), "flap-refit") is None  # no lsq in the space
+
     root = tiny_model_dir
     corpus = root / "big.txt"
     write_corpus(corpus, documents=300, words=200)  # room for 128 windows of 128 tokens
     space = SearchSpace(sources=[str(corpus)], num_samples=[4, 10], metrics=["element1", "wifv"])
     kwargs = {"pool_per_source": 10, "objective_source": str(corpus), "objective_tokens": 512, "objective_seq_len": 16}
-    result = search(str(root / "tiny"), 0.15, trials=2, output=root / "run", space=space, **kwargs)
-    assert result["warm_starts"]["flap"]["trial"] == 1
-    flap_value = result["warm_starts"]["flap"]["value"]
-    study = optuna.load_study(study_name="adapruner", storage=f"sqlite:///{root / 'run' / 'study.db'}")
-    flap = study.trials[1]
+    result = search(str(root / "tiny"), 0.15, trials=3, output=root / "run", space=space, **kwargs)
+    assert result["warm_starts"]["flap"]["trial"] == 1 and result["warm_starts"]["flap-refit"]["trial"] == 2
+    assert result["warm_starts"]["flap"]["value"] != pytest.approx(result["warm_starts"]["flap-refit"]["value"])
+
+    flap, record = _warm_start_is_the_method_exactly(root, corpus, result, "flap")
     assert flap.user_attrs["config"]["compensate"] and flap.user_attrs["config"]["layers"] == "0:"
     assert flap.user_attrs["subset"] is None and "num_samples" not in flap.params
+    assert record["config"]["compensate"] and record["config"]["ranking"] == "global-all"
+    assert record["config"]["activation_calibration"] == "128x128" and record["layer_range"] == [0, 4]
 
-    baseline = prune(str(root / "tiny"), 0.15, method="flap", calibration=str(corpus))
-    tokens = token_stream(baseline.tokenizer, str(corpus), "validation", 512)
-    assert perplexity(baseline.model, tokens, 16, progress=False) == pytest.approx(flap_value, rel=1e-4)
-
-    best = json.loads((root / "run" / "best.json").read_text())
-    best["best"] |= {"trial": 1, "value": flap_value, "config": flap.user_attrs["config"], "subset": None}
-    (root / "run" / "best.json").write_text(json.dumps(best))
-    pruned = prune(str(root / "tiny"), from_run=root / "run")
-    assert pruned.record["config"]["compensate"] and pruned.record["config"]["ranking"] == "global-all"
-    assert pruned.record["config"]["activation_calibration"] == "128x128" and pruned.record["layer_range"] == [0, 4]
-    assert perplexity(pruned.model, tokens, 16, progress=False) == pytest.approx(flap_value, rel=1e-4)
+    refitted, record = _warm_start_is_the_method_exactly(root, corpus, result, "flap-refit")
+    assert refitted.user_attrs["config"]["refit"] == "lsq" and not refitted.user_attrs["config"]["compensate"]
+    assert record["config"]["refit"] == "lsq" and record["local"]["tokens"] == 128 * 128
 
 
-def test_refitted_warm_start_equals_method_flap_refit_and_prune_from_run(tiny_model_dir):
-    """FLAP refitted layer by layer is trial 2; the trial scores exactly what ``--method flap-refit`` and
-    ``prune --from-run`` give (refitted weights written in place for the trial, then restored)."""
+def _warm_start_is_the_method_exactly(root, corpus, result, name: str):
+    """The warm start's validation perplexity is what ``prune --method NAME`` and ``prune --from-run`` give
+    (the refit's weights written in place for the trial, then restored); returns the trial and the record."""
     import optuna
 
     from adapruner import prune
     from adapruner.data import token_stream
     from adapruner.evaluation import perplexity
-    from adapruner.search.space import warm_start_params
-    from conftest import write_corpus
 
-    assert warm_start_params(SearchSpace(refits=["none"]), "flap-refit") is None  # no lsq in the space
-    root = tiny_model_dir
-    corpus = root / "big.txt"
-    write_corpus(corpus, documents=300, words=200)
-    space = SearchSpace(sources=[str(corpus)], num_samples=[4, 10], metrics=["element1", "wifv"])
-    kwargs = {"pool_per_source": 10, "objective_source": str(corpus), "objective_tokens": 512, "objective_seq_len": 16}
-    result = search(str(root / "tiny"), 0.15, trials=3, output=root / "run", space=space, **kwargs)
-    assert result["warm_starts"]["flap-refit"]["trial"] == 2
-    value = result["warm_starts"]["flap-refit"]["value"]
-    assert value != pytest.approx(result["warm_starts"]["flap"]["value"], rel=1e-4)  # the refit changes the model
+    start = result["warm_starts"][name]
     study = optuna.load_study(study_name="adapruner", storage=f"sqlite:///{root / 'run' / 'study.db'}")
-    trial = study.trials[2]
-    assert trial.user_attrs["config"]["refit"] == "lsq" and not trial.user_attrs["config"]["compensate"]
-
-    baseline = prune(str(root / "tiny"), 0.15, method="flap-refit", calibration=str(corpus))
+    trial = study.trials[start["trial"]]
+    baseline = prune(str(root / "tiny"), 0.15, method=name, calibration=str(corpus))
     tokens = token_stream(baseline.tokenizer, str(corpus), "validation", 512)
-    assert perplexity(baseline.model, tokens, 16, progress=False) == pytest.approx(value, rel=1e-4)
+    assert perplexity(baseline.model, tokens, 16, progress=False) == pytest.approx(start["value"], rel=1e-4)
 
     best = json.loads((root / "run" / "best.json").read_text())
-    best["best"] |= {"trial": 2, "value": value, "config": trial.user_attrs["config"], "subset": None}
+    best["best"] |= {"trial": trial.number, "value": start["value"], "config": trial.user_attrs["config"]}
+    best["best"]["subset"] = None
     (root / "run" / "best.json").write_text(json.dumps(best))
     pruned = prune(str(root / "tiny"), from_run=root / "run")
-    assert pruned.record["config"]["refit"] == "lsq" and pruned.record["local"]["tokens"] == 128 * 128
-    assert perplexity(pruned.model, tokens, 16, progress=False) == pytest.approx(value, rel=1e-4)
+    assert perplexity(pruned.model, tokens, 16, progress=False) == pytest.approx(start["value"], rel=1e-4)
+    return trial, pruned.record
 
 
 def test_trials_only_draw_the_data_parameters_their_metric_reads():

@@ -333,6 +333,8 @@ def describe_trial(cfg: dict) -> str:
     )
     if cfg.get("layers") not in (None, "default"):
         text += f", layers {cfg['layers']}"
+    if cfg.get("refit", "none") == "lsq":
+        return text + ", least-squares refit"
     return text + (", bias compensation" if cfg.get("compensate") else "")
 
 
@@ -517,6 +519,9 @@ def info(
     rec = api.info(directory)
     summary = {k: rec[k] for k in ("source_model", "model_type", "target_ratio", "achieved_ratio", "params")}
     summary["config"] = rec.get("config")
+    local = rec.get("local")
+    if local:  # what the layer-by-layer refit did (the error curves stay in adapruner.json)
+        summary["local"] = {k: local[k] for k in ("tokens", "seconds", "mean_relative_error", "damping_raised")}
     out.print_json(json.dumps(summary))
     table = Table(title="layer sizes")
     for col in ("layer", "query heads", "kv heads", "mlp channels"):

@@ -212,40 +212,56 @@ class _Engine:
         self.result = LocalResult(PrunePlan.keep_all(adapter))
         self.originals: dict[str, Refit] = {}
 
-    def fit(self, name: str, module: nn.Linear, moments: InputMoments, kept_cols: torch.Tensor) -> None:
-        """Refit ``module`` on its kept columns and write it in place (dense weights kept for restore)."""
+    @property
+    def centred(self) -> bool:
+        """A bias column (lsq with bias, FLAP's compensation): fits and OBS costs on the covariance."""
+        return self.settings.bias or self.settings.refit == "bias"
+
+    def fit(self, name: str, module: nn.Linear, moments: InputMoments, kept: torch.Tensor) -> None:
+        """Refit ``module`` on its kept columns and write it in place (dense weights kept for restore).
+
+        The moments are consumed (their Gram matrix freed during the solve), so one projection's
+        statistics are in memory at a time.
+        """
         s = self.settings
-        moments.check(name)
         self.originals[name] = _snapshot(module)
         if s.refit == "bias":
-            refit = bias_compensation(module.weight, module.bias, moments, kept_cols)
+            refit = bias_compensation(module.weight, module.bias, moments, kept)
         else:
-            refit = refit_columns(module.weight, module.bias, moments, kept_cols, s.damping, s.bias, name)
+            refit = refit_columns(module.weight, module.bias, moments, kept, s.damping, s.bias, name)
         if refit.damping > s.damping:
             self.result.damped[name] = refit.damping
             log(f"{name}: its input statistics needed damping {refit.damping:g} instead of {s.damping:g}")
-        gram = moments.gram_matrix(centred=s.bias)
-        total = reconstruction_error(module.weight, torch.zeros_like(module.weight), gram)
-        self.result.errors[name] = reconstruction_error(module.weight, refit.weight, gram) / max(total, 1e-30)
+        self.result.errors[name] = refit.error
         self.result.refits[name] = refit
         write_refit(module, refit)
+
+    def statistics(self, name: str, index: int, module: nn.Linear, inputs: LayerInputs) -> InputMoments:
+        """The input moments of ``module`` on the pruned model so far (checked)."""
+        moments = input_moments(self.adapter.decoder_layers()[index], module, inputs, self.device)
+        moments.check(name)
+        return moments
 
     def select(
         self, key: str, module: nn.Linear, moments: InputMoments, width: int, keep: int, blocks: int
     ) -> list[int]:
         """Units to keep by structured OBS; the relative error curve is recorded under ``key``."""
         s = self.settings
-        gram = moments.gram_matrix(centred=s.bias)
-        selection = obs_select(module.weight, gram, width, keep, blocks, s.rounds, s.damping, key)
-        total = max(reconstruction_error(module.weight, torch.zeros_like(module.weight), gram), 1e-30)
+        selection = obs_select(
+            module.weight, moments.finalise(self.centred), width, keep, blocks, s.rounds, s.damping, key
+        )
+        zero = torch.zeros_like(module.weight)
+        total = max(reconstruction_error(module.weight, zero, moments.finalise(self.centred)), 1e-30)
         self.result.curves[key] = [(n, e / total) for n, e in selection.curve]
         return selection.kept_units
 
     def attention(self, index: int, inputs: LayerInputs, kept_heads: list[int] | None, keep: int | None) -> None:
         adapter, mods = self.adapter, self.adapter.layer(index)
-        names = adapter.prunable_module_names(index)
-        moments = input_moments(adapter.decoder_layers()[index], mods.o_proj, inputs, self.device)
+        name = adapter.prunable_module_names(index)["o_proj"]
         shape, group = adapter.layer_shape(index), attention_group(adapter, index, self.head_mode)
+        if kept_heads is not None and len(kept_heads) == shape.num_attention_heads:
+            return  # nothing removed: nothing to refit
+        moments = self.statistics(name, index, mods.o_proj, inputs)
         if kept_heads is None:
             width = mods.o_proj.in_features // group.num_units
             units = self.select(f"{index}.attention", mods.o_proj, moments, width, keep, group.blocks)
@@ -254,17 +270,19 @@ class _Engine:
             planned = self.result.plan.layers[index]
             planned.query_heads, planned.kv_heads = kept_heads, lp.kv_heads
         if len(kept_heads) < shape.num_attention_heads:
-            self.fit(names["o_proj"], mods.o_proj, moments, _head_columns(kept_heads, adapter.head_dim))
+            self.fit(name, mods.o_proj, moments, _head_columns(kept_heads, adapter.head_dim))
 
     def mlp(self, index: int, inputs: LayerInputs, kept: list[int] | None, keep: int | None) -> None:
         adapter, mods = self.adapter, self.adapter.layer(index)
-        names = adapter.prunable_module_names(index)
-        moments = input_moments(adapter.decoder_layers()[index], mods.down_proj, inputs, self.device)
+        name = adapter.prunable_module_names(index)["down_proj"]
+        if kept is not None and len(kept) == mods.down_proj.in_features:
+            return
+        moments = self.statistics(name, index, mods.down_proj, inputs)
         if kept is None:
             kept = self.select(f"{index}.mlp", mods.down_proj, moments, 1, keep, 1)
             self.result.plan.layers[index].channels = kept
         if len(kept) < mods.down_proj.in_features:
-            self.fit(names["down_proj"], mods.down_proj, moments, torch.tensor(kept, dtype=torch.long))
+            self.fit(name, mods.down_proj, moments, torch.tensor(kept, dtype=torch.long))
 
     def restore(self) -> None:
         for name, original in self.originals.items():

@@ -38,6 +38,7 @@ class InputMoments:
     gram: torch.Tensor = field(init=False)
     total: torch.Tensor = field(init=False)
     tokens: int = 0
+    centred: bool | None = None  # set once the sums are turned into a Gram matrix (finalise)
 
     def __post_init__(self) -> None:
         self.gram = torch.zeros(self.width, self.width, dtype=torch.float64, device=self.device)
@@ -56,12 +57,29 @@ class InputMoments:
         return self.total / max(self.tokens, 1)
 
     def gram_matrix(self, centred: bool) -> torch.Tensor:
-        """``E[x xᵀ]``, or ``Cov(x)`` when ``centred`` (the bias column's share removed)."""
+        """``E[x xᵀ]``, or ``Cov(x)`` when ``centred`` (the bias column's share removed); a new tensor."""
         second = self.gram / max(self.tokens, 1)
         if centred:
-            mean = self.mean
-            second = second - torch.outer(mean, mean)
+            second.addr_(self.mean, self.mean, alpha=-1)
         return second
+
+    def finalise(self, centred: bool) -> torch.Tensor:
+        """The Gram matrix, made *in place* from the sums (no second n×n copy); the moments keep it."""
+        if self.centred is None:
+            self.gram.div_(max(self.tokens, 1))
+            if centred:
+                self.gram.addr_(self.mean, self.mean, alpha=-1)
+            self.centred = centred
+        elif self.centred != centred:
+            raise ValueError("these moments were finalised with the other centring")
+        return self.gram
+
+    def release(self, centred: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The finalised Gram matrix and the mean (None unless ``centred``), handed over: the moments
+        let go of it, so the receiver's reference is the only one and can free it early."""
+        gram = self.finalise(centred)
+        self.gram = torch.empty(0, dtype=torch.float64)
+        return gram, self.mean if centred else None
 
     def check(self, name: str, min_tokens: int | None = None) -> None:
         """Refuse statistics that cannot give a sound refit: too few tokens, or inf/NaN inputs."""
@@ -80,24 +98,32 @@ class InputMoments:
 
 @dataclass
 class Refit:
-    """A projection's refitted weights: ``weight`` full width, zero in the removed columns; ``bias`` or None."""
+    """A projection's refitted weights: ``weight`` full width, zero in the removed columns; ``bias`` or None.
+
+    ``error`` is the reconstruction error ``tr(ΔW A ΔWᵀ)`` relative to the output energy ``tr(W A Wᵀ)``.
+    """
 
     weight: torch.Tensor
     bias: torch.Tensor | None
-    damping: float  # the damping actually used (more than asked if the matrix needed it)
+    damping: float = 0.0  # the damping actually used (more than asked if the matrix needed it)
+    error: float = 0.0
 
 
-def _damped_cholesky(matrix: torch.Tensor, damping: float, name: str) -> tuple[torch.Tensor, float]:
-    """Cholesky factor of ``matrix + λ I``; λ grows ×10 until the factor exists (reported by the caller)."""
-    scale = float(matrix.diagonal().mean().clamp_min(1e-12))
-    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    current = damping
+def _damped_cholesky(matrix: torch.Tensor, damping: float, name: str) -> tuple[torch.Tensor, float, float]:
+    """Cholesky factor of ``matrix + λ·mean(diag)·I``, ``matrix`` damped *in place*; λ grows ×10 until the
+    factor exists (reported by the caller). Returns the factor, λ and the absolute shift ``λ·mean(diag)``."""
+    diagonal = matrix.diagonal()
+    scale = float(diagonal.mean().clamp_min(1e-12))
+    current, shift = damping, 0.0
     while current <= MAX_DAMPING:
-        factor, info = torch.linalg.cholesky_ex(matrix + current * scale * eye)
+        diagonal.add_(current * scale - shift)
+        shift = current * scale
+        factor, info = torch.linalg.cholesky_ex(matrix)
         pivots = factor.diagonal().abs()
         sound = int(info) == 0 and bool(torch.isfinite(factor).all())
         if sound and float(pivots.min()) ** 2 >= MIN_PIVOT * float(pivots.max()) ** 2:
-            return factor, current
+            return factor, current, shift
+        del factor
         current = max(current * 10, 1e-6)
     raise AdaPrunerError(
         f"the input statistics of {name} are singular even with damping {MAX_DAMPING:g}: use more (and more "
@@ -106,9 +132,15 @@ def _damped_cholesky(matrix: torch.Tensor, damping: float, name: str) -> tuple[t
 
 
 def damped_inverse(matrix: torch.Tensor, damping: float, name: str = "a projection") -> tuple[torch.Tensor, float]:
-    """``(matrix + λ·mean(diag)·I)⁻¹`` and the damping used."""
-    factor, used = _damped_cholesky(matrix, damping, name)
+    """``(matrix + λ·mean(diag)·I)⁻¹`` and the damping used (``matrix`` is damped in place, then restored)."""
+    factor, used, shift = _damped_cholesky(matrix, damping, name)
+    matrix.diagonal().sub_(shift)
     return torch.cholesky_inverse(factor), used
+
+
+def _energy(w: torch.Tensor, gram: torch.Tensor) -> float:
+    """``tr(W A Wᵀ)``: the mean squared output of ``W x`` (centred or not, as ``A``)."""
+    return float(((w @ gram) * w).sum())
 
 
 def refit_columns(
@@ -120,36 +152,50 @@ def refit_columns(
     with_bias: bool,
     name: str = "a projection",
 ) -> Refit:
-    """Least-squares weights of the kept input columns that reproduce ``W x + b`` (see the module docstring)."""
-    w = weight.detach().to(device=moments.gram.device, dtype=torch.float64)
-    gram = moments.gram_matrix(centred=with_bias)
+    """Least-squares weights of the kept input columns that reproduce ``W x + b`` (see the module docstring).
+
+    ``with_bias``: a bias column (the Gram matrix is the covariance and the bias is refitted); else the
+    second moment and the old bias stays. The moments are consumed: their Gram matrix is freed once the
+    kept block is copied out, so the solve holds it and then two |K|×|K| matrices, never more.
+    """
+    gram, mean = moments.release(centred=with_bias)
+    w = weight.detach().to(device=gram.device, dtype=torch.float64)
     kept = kept.to(gram.device)
-    factor, used = _damped_cholesky(gram[kept][:, kept], damping, name)
+    total = _energy(w, gram)
     rhs = gram[kept] @ w.T  # A_{K,:} Wᵀ
+    block = gram[kept][:, kept]
+    del gram  # the only reference (InputMoments.release): freed here
+    factor, used, shift = _damped_cholesky(block, damping, name)
+    del block
     new_kept = torch.cholesky_solve(rhs, factor).T  # [out, |K|]
+    del factor
+    # error = tr(ΔW A ΔWᵀ) = tr(W A Wᵀ) - 2 tr(W'_K rhs) + tr(W'_K A_KK W'_Kᵀ), and W'_K (A_KK + shift·I) = rhsᵀ
+    error = total - float((new_kept * rhs.T).sum()) - shift * float(new_kept.pow(2).sum())
     new = torch.zeros_like(w)
     new[:, kept] = new_kept
-    new_bias = None if bias is None else bias.detach().to(torch.float64).to(gram.device)
-    if with_bias:
-        mean = moments.mean
-        shift = w @ mean - new_kept @ mean[kept]
-        new_bias = shift if new_bias is None else new_bias + shift
+    new_bias = None if bias is None else bias.detach().to(torch.float64).to(w.device)
+    if mean is not None:
+        offset = w @ mean - new_kept @ mean[kept]
+        new_bias = offset if new_bias is None else new_bias + offset
     _check_finite(new, new_bias, name)
-    return Refit(new.to(weight.dtype), None if new_bias is None else new_bias.to(weight.dtype), used)
+    weight_out = new.to(weight.dtype)
+    return Refit(weight_out, None if new_bias is None else new_bias.to(weight.dtype), used, max(error, 0.0) / total)
 
 
 def bias_compensation(
     weight: torch.Tensor, bias: torch.Tensor | None, moments: InputMoments, kept: torch.Tensor
 ) -> Refit:
     """FLAP's compensation as a refit: kept columns unchanged, the removed ones' mean input becomes bias."""
-    w = weight.detach().to(device=moments.gram.device, dtype=torch.float64)
+    gram, mean = moments.release(centred=True)
+    w = weight.detach().to(device=gram.device, dtype=torch.float64)
     removed = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
     removed[kept.to(w.device)] = False
-    shift = w[:, removed] @ moments.mean[removed]
+    offset = w[:, removed] @ mean[removed]
+    error = _energy(w[:, removed], gram[removed][:, removed]) / _energy(w, gram)
     new = w.clone()
     new[:, removed] = 0
-    new_bias = shift if bias is None else bias.detach().to(torch.float64).to(w.device) + shift
-    return Refit(new.to(weight.dtype), new_bias.to(weight.dtype), 0.0)
+    new_bias = offset if bias is None else bias.detach().to(torch.float64).to(w.device) + offset
+    return Refit(new.to(weight.dtype), new_bias.to(weight.dtype), 0.0, error)
 
 
 def _check_finite(weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> None:

@@ -96,6 +96,7 @@ class Objective:
         self.model, self.adapter, self.tokenizer = model, get_adapter(model), tokenizer
         self._fresh: dict[tuple, Statistics] = {}
         self._refit_windows: dict[tuple[str, ...], torch.Tensor] = {}
+        self.last_refit_seconds = 0.0  # the layer-by-layer refit's share of the last trial's plan_for
         self.ratio, self.layers, self.head_mode = ratio, layers, head_mode
         self.pool, self.space = pool, space
         self.caches = {pool.seq_len: cache}
@@ -191,7 +192,7 @@ class Objective:
         refits = None
         if cfg.uses_local_engine:
             local = local_prune(self.model, self.refit_windows(config), cfg.local_settings(), plan=plan, restore=True)
-            refits = local.refits
+            refits, self.last_refit_seconds = local.refits, local.seconds
         return plan, subset, means, refits
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -211,11 +212,14 @@ class Objective:
             trial.set_user_attr("seconds", {"importance": 0.0, "masking": 0.0, "evaluation": 0.0})
             return earlier.value
         clock = time.perf_counter()
+        self.last_refit_seconds = 0.0
         try:
             plan, subset, means, refits = self.plan_for(config)
         except AdaPrunerError as exc:  # e.g. a quantile window leaves too few samples
             raise optuna.TrialPruned(str(exc)) from None
-        seconds = {"importance": time.perf_counter() - clock}
+        seconds = {"importance": time.perf_counter() - clock - self.last_refit_seconds}
+        if refits is not None:
+            seconds["refit"] = self.last_refit_seconds
         trial.set_user_attr("subset", subset)
         trial.set_user_attr("kept", [list(asdict(s).values()) for s in plan.shapes()])
         try:
