@@ -45,6 +45,8 @@ bench: assets
 	$(PY) benchmarks/importance_memory.py --no-checkpointing
 	$(PY) benchmarks/importance_speed.py
 	$(PY) benchmarks/speedup.py
+	$(PY) benchmarks/refit_ablation.py
+	$(PY) benchmarks/local_memory.py
 	$(PY) benchmarks/compare_methods.py
 
 clean:

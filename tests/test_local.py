@@ -182,8 +182,27 @@ def test_singular_statistics_raise_the_damping_instead_of_writing_nan():
     assert float((fitted - target).pow(2).mean()) < 1e-6 * float(target.pow(2).mean())  # still the exact fit
 
 
+def test_inputs_and_their_keyword_arguments_move_to_the_engine_device():
+    """The path of a model kept on one device and refitted on another, as far as one CPU can take it:
+    nested keyword arguments (rotary cos/sin tuples) are moved, and an explicit device gives the same refit."""
+    from adapruner.local.engine import to_device
+
+    moved = to_device({"position_embeddings": (torch.ones(2), torch.zeros(2)), "cache": None}, torch.device("cpu"))
+    assert isinstance(moved["position_embeddings"], tuple) and moved["cache"] is None
+    model = make_tiny("qwen2-gqa")
+    plan, _ = random_plan(model, 0.3, "auto")
+    here = local_prune(model, WINDOWS, LocalSettings(), plan=plan, restore=True)
+    explicit = local_prune(model, WINDOWS, LocalSettings(device="cpu"), plan=plan, restore=True)
+    assert all(torch.equal(here.refits[k].weight, explicit.refits[k].weight) for k in here.refits)
+    if not torch.cuda.is_available():
+        with pytest.raises(AdaPrunerError, match="no CUDA device is available"):
+            LocalSettings(device="cuda")
+
+
 def test_local_settings_are_checked():
     with pytest.raises(AdaPrunerError, match="unknown --refit"):
         LocalSettings(refit="magic")
     with pytest.raises(AdaPrunerError, match="damping"):
         LocalSettings(damping=-1)
+    with pytest.raises(AdaPrunerError, match="not a torch device"):
+        LocalSettings(device="quantum")

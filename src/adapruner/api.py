@@ -84,6 +84,7 @@ class PruneConfig:
     refit_damping: float = 1e-3  # fraction of the mean diagonal of each input Gram matrix (measured, README)
     refit_bias: bool = True  # lsq/obs: refit a bias too (the kept columns fitted on centred inputs)
     obs_rounds: int = 16  # obs: batches in which MLP channels are removed
+    refit_device: str | None = None  # run the layer-by-layer engine there, one layer at a time (e.g. cuda)
 
     @classmethod
     def from_method(cls, model: str, ratio: float, method: str | None = None, **options: Any) -> PruneConfig:
@@ -117,6 +118,7 @@ class PruneConfig:
             damping=self.refit_damping,
             bias=self.refit_bias,
             rounds=self.obs_rounds,
+            device=self.refit_device,
         )
 
     def build_metric(self) -> Importance:

@@ -114,6 +114,13 @@ RefitCalibration = Annotated[
 RefitDamping = Annotated[float, typer.Option(help="lsq/obs ridge: fraction of the mean diagonal of each Gram matrix.")]
 RefitBias = Annotated[bool, typer.Option(help="lsq/obs: refit a bias too (--no-refit-bias keeps the old one).")]
 ObsRounds = Annotated[int, typer.Option(help="obs: batches in which MLP channels are removed.")]
+RefitDevice = Annotated[
+    str | None,
+    typer.Option(
+        help="Run the layer-by-layer engine there (e.g. cuda) while the model stays where it was loaded: "
+        "one decoder layer at a time on the device."
+    ),
+]
 
 
 def _config_options(values: dict[str, Any]) -> dict[str, Any]:
@@ -178,6 +185,7 @@ def prune(
     refit_damping: RefitDamping = 1e-3,
     refit_bias: RefitBias = True,
     obs_rounds: ObsRounds = 16,
+    refit_device: RefitDevice = None,
     seed: Seed = 0,
     dtype: Dtype = "float32",
     device_map: DeviceMap = None,

@@ -52,6 +52,9 @@ class LocalSettings:
     bias: bool = True  # lsq: refit a bias too (the input mean's share); obs then ranks on the covariance
     rounds: int = 16  # obs: batches in which MLP channels are removed
     batch_size: int = 16  # calibration windows per forward step
+    # where the layers run: None = where the model is; e.g. "cuda" for a model kept on the CPU, which then
+    # goes to the device one decoder layer at a time (weights, hidden states and statistics)
+    device: str | None = None
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
@@ -62,6 +65,14 @@ class LocalSettings:
             raise AdaPrunerError(f"--refit-damping {self.damping} must lie in [0, 1000] (e.g. 0.01)")
         if self.rounds < 1 or self.batch_size < 1:
             raise AdaPrunerError("obs rounds and the refit batch size must be at least 1")
+        if self.device is not None:
+            try:
+                if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+                    raise AdaPrunerError(f"--refit-device {self.device}: no CUDA device is available here")
+            except RuntimeError:
+                raise AdaPrunerError(
+                    f"--refit-device '{self.device}' is not a torch device (e.g. cuda, cuda:1, cpu)"
+                ) from None
 
 
 @dataclass
@@ -109,24 +120,40 @@ class LayerInputs:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
 
+def to_device(value: Any, device: torch.device | None) -> Any:
+    """``value`` with every tensor inside (nested tuples, lists, dicts) on ``device`` (None: as it is)."""
+    if device is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
 @torch.no_grad()
-def capture_inputs(adapter: ModelAdapter, windows: torch.Tensor, batch_size: int) -> LayerInputs:
-    """Run the embeddings (and whatever precedes layer 0) on ``windows`` and keep layer 0's inputs."""
+def capture_inputs(
+    adapter: ModelAdapter, windows: torch.Tensor, batch_size: int, device: torch.device | None = None
+) -> LayerInputs:
+    """Run the embeddings (and whatever precedes layer 0) on ``windows`` and keep layer 0's inputs
+    (moved to ``device`` when the layers are to run elsewhere than the model lives)."""
     layer0 = adapter.decoder_layers()[0]
     inputs = LayerInputs([], [])
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        inputs.hidden.append(hidden)
-        inputs.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        inputs.hidden.append(to_device(hidden, device))
+        inputs.kwargs.append(to_device({k: v for k, v in kwargs.items() if k != "hidden_states"}, device))
         raise _StopForwardError
 
-    device = next(adapter.model.parameters()).device
+    home = next(adapter.model.parameters()).device
     handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in windows.split(batch_size):
             with suppress(_StopForwardError):
-                adapter.model.get_decoder()(input_ids=batch.to(device), use_cache=False)
+                adapter.model.get_decoder()(input_ids=batch.to(home), use_cache=False)
     finally:
         handle.remove()
     return inputs
@@ -170,9 +197,23 @@ def write_refit(module: nn.Linear, refit: Refit) -> None:
         module.bias.data.copy_(bias)
 
 
-def _snapshot(module: nn.Linear) -> Refit:
-    bias = None if module.bias is None else module.bias.detach().clone()
-    return Refit(module.weight.detach().clone(), bias, 0.0)
+def _snapshot(module: nn.Linear, device: torch.device | None = None) -> Refit:
+    """A copy of the module's weights (on ``device``: the model's home when layers visit another device)."""
+    bias = None if module.bias is None else module.bias.detach().to(device, copy=True)
+    return Refit(module.weight.detach().to(device, copy=True), bias, 0.0)
+
+
+@contextmanager
+def _visiting(layer: nn.Module, device: torch.device, home: torch.device) -> Iterator[None]:
+    """The layer on ``device`` for the block, back home afterwards (a no-op when both are the same)."""
+    if device == home:
+        yield
+        return
+    layer.to(device)
+    try:
+        yield
+    finally:
+        layer.to(home)
 
 
 def _restore(module: nn.Linear, original: Refit) -> None:
@@ -206,9 +247,11 @@ class _Engine:
     """One pass of the layer-by-layer pruning (see the module docstring)."""
 
     def __init__(
-        self, adapter: ModelAdapter, settings: LocalSettings, head_mode: HeadMode, device: torch.device
+        self, adapter: ModelAdapter, settings: LocalSettings, head_mode: HeadMode, device: torch.device, keep: bool
     ) -> None:
         self.adapter, self.settings, self.head_mode, self.device = adapter, settings, head_mode, device
+        self.keep = keep  # copies of the dense weights and of the refits, for restore and applied()
+        self.home = next(adapter.model.parameters()).device  # dense copies and refits are kept here
         self.result = LocalResult(PrunePlan.keep_all(adapter))
         self.originals: dict[str, Refit] = {}
 
@@ -224,7 +267,8 @@ class _Engine:
         statistics are in memory at a time.
         """
         s = self.settings
-        self.originals[name] = _snapshot(module)
+        if self.keep:
+            self.originals[name] = _snapshot(module, self.home)
         if s.refit == "bias":
             refit = bias_compensation(module.weight, module.bias, moments, kept)
         else:
@@ -233,8 +277,13 @@ class _Engine:
             self.result.damped[name] = refit.damping
             log(f"{name}: its input statistics needed damping {refit.damping:g} instead of {s.damping:g}")
         self.result.errors[name] = refit.error
-        self.result.refits[name] = refit
         write_refit(module, refit)
+        self.result.refits[name] = Refit(
+            refit.weight.to(self.home),
+            None if refit.bias is None else refit.bias.to(self.home),
+            refit.damping,
+            refit.error,
+        )
 
     def statistics(self, name: str, index: int, module: nn.Linear, inputs: LayerInputs) -> InputMoments:
         """The input moments of ``module`` on the pruned model so far (checked)."""
@@ -303,8 +352,10 @@ def local_prune(
 
     ``plan`` fixes what is kept (selection ``plan``: any metric's choice, refitted); with selection
     ``obs`` the engine chooses by structured OBS, keeping ``keep.counts[i]`` (attention units, MLP
-    channels) in each pruned layer. With ``restore`` the model is unchanged afterwards and the refits
-    are returned for :func:`applied`; otherwise the model stays pruned in place (removed columns zero).
+    channels) in each pruned layer. With ``restore`` the model is unchanged afterwards (also after an
+    error) and the refits are returned for :func:`applied`, at the cost of a copy of every refitted
+    projection; otherwise the model stays pruned in place (removed columns zero), no copy is kept
+    (``result.refits`` stays empty), and after an error the model is part refitted: discard it.
     """
     adapter = get_adapter(model)
     if settings.selection == "plan" and plan is None:
@@ -314,28 +365,30 @@ def local_prune(
     if plan is not None:
         plan.validate(adapter)
     start = time.perf_counter()
-    device = next(model.parameters()).device
-    engine = _Engine(adapter, settings, head_mode, device)
+    home = next(model.parameters()).device
+    device = torch.device(settings.device) if settings.device is not None else home
+    engine = _Engine(adapter, settings, head_mode, device, keep=restore)
     dense_shapes = adapter.layer_shapes()
     if plan is not None:
         pruned = [i for i, lp in enumerate(plan.layers) if lp.shape != dense_shapes[i]]
     else:
         pruned = [i for i, c in enumerate(keep.counts) if c is not None]
     try:
-        inputs = capture_inputs(adapter, windows, settings.batch_size)
+        inputs = capture_inputs(adapter, windows, settings.batch_size, device if device != home else None)
         engine.result.tokens = inputs.tokens
         last = max(pruned, default=-1)
         for index in tqdm(range(last + 1), desc="local pruning", leave=False, disable=last < 3):
             layer = adapter.decoder_layers()[index]
-            if index in pruned:
-                counts = None if keep is None else keep.counts[index]
-                lp = plan.layers[index] if plan is not None else None
-                engine.attention(index, inputs, lp.query_heads if lp else None, counts[0] if counts else None)
-                engine.mlp(index, inputs, lp.channels if lp else None, counts[1] if counts else None)
-                if lp is not None:
-                    engine.result.plan.layers[index] = lp
-            if index < last:
-                inputs = run_layer(layer, inputs)
+            with _visiting(layer, device, home):
+                if index in pruned:
+                    counts = None if keep is None else keep.counts[index]
+                    lp = plan.layers[index] if plan is not None else None
+                    engine.attention(index, inputs, lp.query_heads if lp else None, counts[0] if counts else None)
+                    engine.mlp(index, inputs, lp.channels if lp else None, counts[1] if counts else None)
+                    if lp is not None:
+                        engine.result.plan.layers[index] = lp
+                if index < last:
+                    inputs = run_layer(layer, inputs)
     except BaseException:
         engine.restore()
         raise

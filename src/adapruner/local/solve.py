@@ -26,6 +26,7 @@ import torch
 from ..errors import AdaPrunerError
 
 MAX_DAMPING = 1e3  # past this the damping fallback gives up: the statistics are unusable
+ROWS_PER_PRODUCT = 1024  # rows of x xᵀ formed at a time when accumulating (bounds the fp32 temporary)
 MIN_PIVOT = 1e-10  # smallest squared Cholesky pivot, relative to the largest: past it the matrix counts as singular
 
 
@@ -47,8 +48,9 @@ class InputMoments:
     def add(self, x: torch.Tensor) -> None:
         """Fold a batch of inputs ``[..., width]`` in (products in fp32 at least, sums in fp64)."""
         x = x.detach().reshape(-1, self.width)
-        x = x if x.dtype == torch.float64 else x.float()
-        self.gram += (x.T @ x).to(device=self.gram.device, dtype=torch.float64)
+        x = (x if x.dtype == torch.float64 else x.float()).to(self.gram.device)
+        for start in range(0, self.width, ROWS_PER_PRODUCT):  # a few rows at a time: no n×n temporary
+            self.gram[start : start + ROWS_PER_PRODUCT].add_(x[:, start : start + ROWS_PER_PRODUCT].T @ x)
         self.total += x.sum(0).to(device=self.total.device, dtype=torch.float64)
         self.tokens += x.shape[0]
 
@@ -161,9 +163,11 @@ def refit_columns(
     gram, mean = moments.release(centred=with_bias)
     w = weight.detach().to(device=gram.device, dtype=torch.float64)
     kept = kept.to(gram.device)
-    total = _energy(w, gram)
-    rhs = gram[kept] @ w.T  # A_{K,:} Wᵀ
-    block = gram[kept][:, kept]
+    weighted = w @ gram  # W A, [out, n]
+    total = float((weighted * w).sum())  # tr(W A Wᵀ)
+    rhs = weighted[:, kept].T.contiguous()  # A_{K,:} Wᵀ (A is symmetric), [|K|, out]
+    del weighted
+    block = gram[kept.unsqueeze(1), kept]  # A_KK, without a |K|×n intermediate
     del gram  # the only reference (InputMoments.release): freed here
     factor, used, shift = _damped_cholesky(block, damping, name)
     del block
