@@ -261,7 +261,7 @@ class _Engine:
         return self.settings.bias or self.settings.refit == "bias"
 
     def fit(self, name: str, module: nn.Linear, moments: InputMoments, kept: torch.Tensor) -> None:
-        """Refit ``module`` on its kept columns and write it in place (dense weights kept for restore).
+        """Refit ``module`` on its kept columns and write it in place (copies kept only to restore).
 
         The moments are consumed (their Gram matrix freed during the solve), so one projection's
         statistics are in memory at a time.
@@ -278,12 +278,9 @@ class _Engine:
             log(f"{name}: its input statistics needed damping {refit.damping:g} instead of {s.damping:g}")
         self.result.errors[name] = refit.error
         write_refit(module, refit)
-        self.result.refits[name] = Refit(
-            refit.weight.to(self.home),
-            None if refit.bias is None else refit.bias.to(self.home),
-            refit.damping,
-            refit.error,
-        )
+        if self.keep:  # search trials: the refits are applied again later (adapruner.local.applied)
+            bias = None if refit.bias is None else refit.bias.to(self.home)
+            self.result.refits[name] = Refit(refit.weight.to(self.home), bias, refit.damping, refit.error)
 
     def statistics(self, name: str, index: int, module: nn.Linear, inputs: LayerInputs) -> InputMoments:
         """The input moments of ``module`` on the pruned model so far (checked)."""
