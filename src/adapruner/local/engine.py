@@ -36,7 +36,7 @@ from ..models.base import ModelAdapter, get_adapter
 from ..models.groups import HeadMode, attention_group
 from ..pruning.plan import KeepCounts, PrunePlan, layer_plan
 from ..util import log
-from .solve import InputMoments, Refit, bias_compensation, obs_select, reconstruction_error, refit_columns
+from .solve import InputMoments, Refit, bias_compensation, obs_select, output_energy, refit_columns
 
 REFITS = ("lsq", "bias")
 SELECTIONS = ("plan", "obs")
@@ -293,11 +293,9 @@ class _Engine:
     ) -> list[int]:
         """Units to keep by structured OBS; the relative error curve is recorded under ``key``."""
         s = self.settings
-        selection = obs_select(
-            module.weight, moments.finalise(self.centred), width, keep, blocks, s.rounds, s.damping, key
-        )
-        zero = torch.zeros_like(module.weight)
-        total = max(reconstruction_error(module.weight, zero, moments.finalise(self.centred)), 1e-30)
+        gram = moments.finalise(self.centred)  # the moments keep it for the refit that follows
+        selection = obs_select(module.weight, gram, width, keep, blocks, s.rounds, s.damping, key)
+        total = max(output_energy(module.weight, gram), 1e-30)
         self.result.curves[key] = [(n, e / total) for n, e in selection.curve]
         return selection.kept_units
 

@@ -58,13 +58,6 @@ class InputMoments:
     def mean(self) -> torch.Tensor:
         return self.total / max(self.tokens, 1)
 
-    def gram_matrix(self, centred: bool) -> torch.Tensor:
-        """``E[x xᵀ]``, or ``Cov(x)`` when ``centred`` (the bias column's share removed); a new tensor."""
-        second = self.gram / max(self.tokens, 1)
-        if centred:
-            second.addr_(self.mean, self.mean, alpha=-1)
-        return second
-
     def finalise(self, centred: bool) -> torch.Tensor:
         """The Gram matrix, made *in place* from the sums (no second n×n copy); the moments keep it."""
         if self.centred is None:
@@ -83,18 +76,17 @@ class InputMoments:
         self.gram = torch.empty(0, dtype=torch.float64)
         return gram, self.mean if centred else None
 
-    def check(self, name: str, min_tokens: int | None = None) -> None:
+    def check(self, name: str) -> None:
         """Refuse statistics that cannot give a sound refit: too few tokens, or inf/NaN inputs."""
         if not bool(torch.isfinite(self.gram).all()):
             raise AdaPrunerError(
                 f"the inputs of {name} overflowed (inf/NaN in its statistics): load the model in float32 or "
                 "bfloat16 (--dtype) instead of float16"
             )
-        needed = self.width if min_tokens is None else min_tokens
-        if self.tokens < needed:
+        if self.tokens < self.width:
             raise AdaPrunerError(
                 f"the refit of {name} saw {self.tokens} calibration tokens for {self.width} input features: "
-                f"give at least {needed} (e.g. --refit-calibration 128x128)"
+                f"give at least {self.width} (e.g. --refit-calibration 128x128)"
             )
 
 
@@ -140,8 +132,9 @@ def damped_inverse(matrix: torch.Tensor, damping: float, name: str = "a projecti
     return torch.cholesky_inverse(factor), used
 
 
-def _energy(w: torch.Tensor, gram: torch.Tensor) -> float:
+def output_energy(w: torch.Tensor, gram: torch.Tensor) -> float:
     """``tr(W A Wᵀ)``: the mean squared output of ``W x`` (centred or not, as ``A``)."""
+    w = w.detach().to(gram)
     return float(((w @ gram) * w).sum())
 
 
@@ -195,7 +188,8 @@ def bias_compensation(
     removed = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
     removed[kept.to(w.device)] = False
     offset = w[:, removed] @ mean[removed]
-    error = _energy(w[:, removed], gram[removed][:, removed]) / _energy(w, gram)
+    gone = removed.nonzero().squeeze(1)
+    error = output_energy(w[:, gone], gram[gone.unsqueeze(1), gone]) / output_energy(w, gram)
     new = w.clone()
     new[:, removed] = 0
     new_bias = offset if bias is None else bias.detach().to(torch.float64).to(w.device) + offset
@@ -209,8 +203,7 @@ def _check_finite(weight: torch.Tensor, bias: torch.Tensor | None, name: str) ->
 
 def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, gram: torch.Tensor) -> float:
     """``tr(ΔW A ΔWᵀ)``: mean squared output error of the refit over the calibration tokens."""
-    delta = (weight.to(gram) - new_weight.to(gram)).detach()
-    return float(((delta @ gram) * delta).sum())
+    return output_energy(weight.to(gram) - new_weight.to(gram), gram)
 
 
 @dataclass
@@ -304,6 +297,7 @@ __all__ = [
     "bias_compensation",
     "damped_inverse",
     "obs_select",
+    "output_energy",
     "reconstruction_error",
     "refit_columns",
 ]
