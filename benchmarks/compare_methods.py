@@ -32,9 +32,9 @@ ones. Layout::
     RUN_ROOT/<model>/r<ratio>/<method>/<lora>/                LoRA-recovered model (merged)
     RUN_ROOT/<model>/r<ratio>/<method>/eval-<tag>.json        evaluate --output, and <lora>.eval-<tag>.json
     RUN_ROOT/<model>/r<ratio>/<method>/times.json             wall seconds of each unit
-    RUN_ROOT/<model>/r<ratio>/adapruner-search/               the study (shared by every --trials budget;
+    RUN_ROOT/<model>/r<ratio>/adapruner-src4-search/          the study (shared by every --trials budget;
                                                               other --pool-per-source/--objective-tokens
-                                                              are named: adapruner-pool10-obj512-search)
+                                                              are named: adapruner-src4-pool10-obj512-search)
     RUN_ROOT/results.md, results.csv, ppl_vs_ratio_<model>.png, retention_<model>_r<ratio>.png
 
 ``results.md`` holds one table per model × ratio (method, recovery, params, the four perplexities, their
@@ -47,7 +47,7 @@ units still to run.
 
 Budgets. Each model has its own budget, the same for every method of that model (a flag given on the
 command line replaces it for every model): SmolLM2 ``--trials 20 --finetune-steps 10 --eval-tokens
-8192``; Qwen2.5-0.5B (``MODEL_BUDGETS``) ``--trials 10 --finetune-steps 5 --eval-tokens 4096``; both
+8192``; Qwen2.5-0.5B (``MODEL_BUDGETS``) ``--trials 20 --finetune-steps 5 --eval-tokens 4096``; both
 ``--limit 5``. Output names carry the budget, so the two models' outputs never mix.
 
 Wall time, measured on 2 shared CPU cores (fp32, 2026-11-30 and 12-01). SmolLM2: evaluation 30-80 s
@@ -108,7 +108,7 @@ FINETUNE_FIXED = {"batch_size": 8, "micro_batch_size": 4, "warmup_steps": 5, "va
 # Budgets of the CPU grid: the defaults, and per model what replaces them when the flag is not given
 # (Qwen2.5-0.5B costs ~4x SmolLM2 per token: a smaller budget keeps the whole grid near 4 h 20 min on 2 cores).
 BUDGET_DEFAULTS = {"trials": 20, "finetune_steps": 10, "eval_tokens": 8192}
-MODEL_BUDGETS = {"qwen2.5-0.5b": {"trials": 10, "finetune_steps": 5, "eval_tokens": 4096}}
+MODEL_BUDGETS = {"qwen2.5-0.5b": {"trials": 20, "finetune_steps": 5, "eval_tokens": 4096}}
 
 
 # --- settings and names -----------------------------------------------------------------------------
@@ -128,12 +128,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated subset of {', '.join([*METHODS, ADAPRUNER])}",
     )
     parser.add_argument(
-        "--trials", type=int, default=None, help="AdaPruner's search budget (trials per study; default 20, Qwen2.5 10)"
+        "--trials", type=int, default=None, help="AdaPruner's search budget (trials per study; default 20 for both)"
     )
     parser.add_argument(
         "--pool-per-source", type=int, default=DEFAULT_POOL_PER_SOURCE, help="search pool windows per source"
     )
-    parser.add_argument("--objective-tokens", type=int, default=4096, help="validation tokens per search trial")
+    parser.add_argument(
+        "--objective-tokens", type=int, default=1024, help="validation tokens per objective source per search trial"
+    )
     parser.add_argument(
         "--finetune-steps",
         type=int,
@@ -243,10 +245,10 @@ def eval_tag(args) -> str:
 
 def search_name(args) -> str:
     """The study's directory: the search settings other than the budget (defaults: not named)."""
-    name = ADAPRUNER
+    name = ADAPRUNER + "-src4"  # the four-source objective with its per-layer stage (older studies: wiki only)
     if args.pool_per_source != DEFAULT_POOL_PER_SOURCE:
         name += f"-pool{args.pool_per_source}"
-    if args.objective_tokens != 4096:
+    if args.objective_tokens != 1024:
         name += f"-obj{args.objective_tokens}"
     return name
 

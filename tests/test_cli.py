@@ -335,7 +335,7 @@ def test_search_then_prune_from_run(tiny_model_dir):
         "10",
         "--pruner",
         "none",
-        "--objective-source",
+        "--objective-data",
         corpus,
         "--objective-tokens",
         "512",

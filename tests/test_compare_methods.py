@@ -23,9 +23,9 @@ def test_each_model_gets_its_budget_unless_a_flag_sets_it(bench):
     args = bench.parse_args([])
     smol, qwen = bench.for_model(args, "smollm2-135m"), bench.for_model(args, "qwen2.5-0.5b")
     assert (smol.trials, smol.finetune_steps, smol.eval_tokens) == (20, 10, 8192)
-    assert (qwen.trials, qwen.finetune_steps, qwen.eval_tokens) == (10, 5, 4096)
+    assert (qwen.trials, qwen.finetune_steps, qwen.eval_tokens) == (20, 5, 4096)
     assert bench.lora_name(qwen) == "lora-wiki-s5-c128" and bench.eval_tag(qwen) == "eval-src4-tok4096-lim5"
-    assert bench.variant("adapruner", qwen) == "adapruner-t10"
+    assert bench.variant("adapruner", qwen) == "adapruner-src4-t20"
 
     args = bench.parse_args(["--trials", "30", "--eval-tokens", "2048"])
     qwen = bench.for_model(args, "qwen2.5-0.5b")

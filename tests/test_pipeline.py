@@ -19,7 +19,7 @@ def tiny_run_config(root, **overrides):
         "trials": 2,
         "search_space": {"sources": [corpus], "num_samples": [4, 10], "metrics": ["element1", "l2"]},
         "pool_per_source": 10,
-        "objective_source": corpus,
+        "objective_data": corpus,
         "objective_tokens": 512,
         "baseline_calibration": corpus,
         "finetune_data": corpus,

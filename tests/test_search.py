@@ -27,7 +27,7 @@ def run_search(root, trials: int, ratio: float = 0.15, **kwargs):
         space=space,
         layers="1:3",
         pool_per_source=10,
-        objective_source=corpus,
+        objective_data=corpus,
         objective_tokens=512,
         objective_seq_len=16,
         **kwargs,
@@ -72,6 +72,11 @@ def test_study_of_another_ratio_is_refused(tiny_model_dir):
     run_search(root, trials=1)
     with pytest.raises(AdaPrunerError, match="made for another setting"):
         run_search(root, trials=2, ratio=0.1)
+    corpus = str(root / "corpus.txt")
+    changed = SearchSpace(sources=[corpus], num_samples=[4, 10], metrics=["element1", "vector"], mlp_levels=16)
+    kwargs = {"layers": "1:3", "pool_per_source": 10, "objective_data": corpus, "objective_tokens": 512}
+    with pytest.raises(AdaPrunerError, match=r"another setting \(search_space: \w+ != \w+\)"):  # the space changed
+        search(str(root / "tiny"), 0.15, trials=2, output=root / "run", space=changed, objective_seq_len=16, **kwargs)
 
 
 def test_random_sampler_and_data_only_space(tiny_model_dir):
@@ -185,7 +190,7 @@ def test_bad_search_arguments_fail_before_any_work(tiny_model_dir):
             space=SearchSpace(sources=[str(tiny_model_dir / "corpus.txt")]),
             layers="1:3",
             pool_per_source=10,
-            objective_source=str(tiny_model_dir / "corpus.txt"),
+            objective_data=str(tiny_model_dir / "corpus.txt"),
             objective_tokens=40,
             objective_seq_len=16,
         )
@@ -302,7 +307,7 @@ def test_flap_warm_starts_are_trials_1_and_2_and_are_the_methods_exactly(tiny_mo
     corpus = root / "big.txt"
     write_corpus(corpus, documents=300, words=200)  # room for 128 windows of 128 tokens
     space = SearchSpace(sources=[str(corpus)], num_samples=[4, 10], metrics=["element1", "wifv"])
-    kwargs = {"pool_per_source": 10, "objective_source": str(corpus), "objective_tokens": 512, "objective_seq_len": 16}
+    kwargs = {"pool_per_source": 10, "objective_data": str(corpus), "objective_tokens": 512, "objective_seq_len": 16}
     result = search(str(root / "tiny"), 0.15, trials=3, output=root / "run", space=space, **kwargs)
     assert result["warm_starts"]["flap"]["trial"] == 1 and result["warm_starts"]["flap-refit"]["trial"] == 2
     assert result["warm_starts"]["flap"]["value"] != pytest.approx(result["warm_starts"]["flap-refit"]["value"])
@@ -348,7 +353,9 @@ def test_trials_only_draw_the_data_parameters_their_metric_reads():
 
     from adapruner.search.space import suggest
 
-    space = SearchSpace(metrics=["l2", "wifv", "element1"], separate_attention_metric=False, compensate=[False])
+    space = SearchSpace(
+        metrics=["l2", "wifv", "element1"], separate_attention_metric=False, compensate=[False], allocations=["profile"]
+    )
 
     def params_of(fixed):
         study = optuna.create_study()
@@ -386,3 +393,64 @@ def test_a_configuration_measured_before_is_reused_not_rerun(tiny_model_dir):
     assert again.user_attrs["seconds"]["evaluation"] == 0.0 < first.user_attrs["seconds"]["evaluation"]
     assert "aggregation" not in flap.params and flap.user_attrs["config"]["aggregation"] == "sum"
     assert "duplicate_of" not in flap.user_attrs
+
+
+def test_per_layer_trials_assemble_supernet_candidates_meet_the_budget_and_prune_from_run_exactly(tiny_model_dir):
+    """After the profile trials every trial keeps its own counts per layer: the starts first (the best
+    profile trial's counts, then a uniform rate), then mutations of the best; each meets the ratio within
+    one MLP channel, and ``prune --from-run`` of the best rebuilds the trial's model exactly."""
+    import optuna
+
+    from adapruner import prune
+    from adapruner.data import token_stream
+    from adapruner.evaluation import perplexity
+    from adapruner.search.evolution import params_to_counts
+    from conftest import write_corpus
+
+    root = tiny_model_dir
+    corpus = root / "big.txt"
+    write_corpus(corpus, documents=300, words=200)
+    space = SearchSpace(
+        sources=[str(corpus)],
+        num_samples=[4, 10],
+        metrics=["element1", "wifv"],
+        warm_starts=["flap"],
+        profile_trials=2,
+        supernet_data=[str(corpus)],
+        refit_calibration="64x32",
+    )
+    kwargs = {"pool_per_source": 10, "objective_data": str(corpus), "objective_tokens": 512, "objective_seq_len": 16}
+    result = search(str(root / "tiny"), 0.2, trials=9, output=root / "run", space=space, pruner="none", **kwargs)
+    study = optuna.load_study(study_name="adapruner", storage=f"sqlite:///{root / 'run' / 'study.db'}")
+    per_layer = [t for t in study.trials if t.user_attrs.get("allocation") == "per-layer"]
+    assert [t.number for t in per_layer] == list(range(2, 9))
+    assert [t.user_attrs.get("start") for t in per_layer[:2]] == [0, 1]
+    profile_best = min(study.trials[:2], key=lambda t: t.value)
+    start = params_to_counts(per_layer[0].params)
+    kept = profile_best.user_attrs["kept"]
+    heads = [k[0] for k in kept]  # query heads (GQA: query mode; MHA: as many as KV heads)
+    assert [start[i][0] for i in range(4)] == heads  # its heads; its channels, repaired to the exact budget:
+    assert sum(abs(start[i][1] - kept[i][2]) for i in range(4)) <= 4
+    for trial in per_layer[2:]:
+        parent = trial.user_attrs["parent"]
+        done = [t for t in per_layer if t.number < trial.number and t.value is not None]
+        assert study.trials[parent].value == min(t.value for t in done)  # elitist: the best so far
+        assert params_to_counts(trial.params) != params_to_counts(study.trials[parent].params)
+
+    rows = list(csv.DictReader((root / "run" / "trials.csv").open()))
+    assert "attn_0" in rows[-1] and "mlp_3" in rows[-1]
+
+    best = json.loads((root / "run" / "best.json").read_text())
+    trial = min(per_layer, key=lambda t: t.value if t.value is not None else float("inf"))
+    best["best"] |= {"trial": trial.number, "value": trial.value, "config": trial.user_attrs["config"], "subset": None}
+    (root / "run" / "best.json").write_text(json.dumps(best))
+    pruned = prune(str(root / "tiny"), from_run=root / "run")
+    tokens = token_stream(pruned.tokenizer, str(corpus), "validation", 512)
+    assert perplexity(pruned.model, tokens, 16, progress=False) == pytest.approx(trial.value, rel=1e-4)
+    record = pruned.record
+    assert record["config"]["keep_counts"] and record["local"]["supernet"]
+    unit = 3 * 48  # one MLP channel of the tiny model: gate and up rows, a down_proj column
+    dense = record["params"]["dense"]
+    biases = sum(p.numel() for n, p in pruned.model.named_parameters() if n.endswith(("o_proj.bias", "down_proj.bias")))
+    assert biases and abs(dense - (record["params"]["pruned"] - biases) - 0.2 * dense) <= unit  # refit biases aside
+    assert result["best"]["value"] == min(t.value for t in study.trials if t.value is not None)

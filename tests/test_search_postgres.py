@@ -115,7 +115,7 @@ def _worker(root: Path, url: str, study: str, trials: int, output: str) -> subpr
     args = [
         *(sys.executable, "-m", "adapruner.cli", "search", root / "tiny", "--ratio", "0.15"),
         *("--trials", trials, "--output", root / output, "--config", _space_file(root)),
-        *("--pool-per-source", 10, "--objective-source", root / "corpus.txt", "--objective-tokens", 512),
+        *("--pool-per-source", 10, "--objective-data", root / "corpus.txt", "--objective-tokens", 512),
         *("--layers", "1:3", "--storage", url, "--study", study),
     ]
     env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -252,4 +252,5 @@ def test_unreachable_or_malformed_storage_fails_before_the_model_loads(tmp_path)
         errors = [line for line in result.output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and errors[0].startswith(f"error: cannot reach storage URL {url}: "), result.output
         assert reason in errors[0] and "Traceback" not in result.output
+        assert not (tmp_path / "run").exists()  # nothing half-written: no empty --output folder
         assert time.perf_counter() - started < 15

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +13,6 @@ from typing import Any
 
 import torch
 
-from . import __version__
 from .data.pool import CalibrationPool, build_pool
 from .data.sources import OFFLINE_SOURCES
 from .errors import AdaPrunerError
@@ -41,7 +39,7 @@ from .pruning.plan import (
     rate_summary,
     solve_keep_counts,
 )
-from .util import log
+from .util import log, versions
 
 
 @dataclass(frozen=True)
@@ -85,6 +83,11 @@ class PruneConfig:
     refit_bias: bool = True  # lsq/obs: refit a bias too (the kept columns fitted on centred inputs)
     obs_rounds: int = 16  # obs: batches in which MLP channels are removed
     refit_device: str | None = None  # run the layer-by-layer engine there, one layer at a time (e.g. cuda)
+    # A per-layer allocation (a search's per-layer trial): [layer, attention units, MLP channels] kept per
+    # layer, pruned by assembling the supernet's candidates (OBS order + least-squares refit on the dense
+    # model's inputs over ``refit_calibration`` windows of ``calibration``; adapruner.local.supernet)
+    keep_counts: list[list[int]] | None = None
+    max_removal: float = 0.9  # the supernet's deepest candidate (it decides OBS's removal order)
 
     @classmethod
     def from_method(cls, model: str, ratio: float, method: str | None = None, **options: Any) -> PruneConfig:
@@ -295,6 +298,8 @@ def compute_plan(
     With the ``obs`` metric there are no scores: the plan is None and ``info["keep"]`` holds the per-layer
     keep counts the local engine selects to (:func:`run_local`).
     """
+    if cfg.keep_counts is not None:
+        return None, {"layers": [0, get_adapter(model).num_layers], "dense_params": count_params(model)}
     if cfg.local_selection:
         adapter = get_adapter(model)
         layer_range = parse_layer_range(cfg.layers, adapter.num_layers)
@@ -339,6 +344,31 @@ def run_local(
     )
 
 
+def run_supernet(model: torch.nn.Module, tokenizer: Any, cfg: PruneConfig) -> tuple[PrunePlan, dict[str, Any]]:
+    """Prune to ``cfg.keep_counts`` with the supernet's candidates, written into ``model`` in place."""
+    from .local.engine import write_refit
+    from .local.supernet import SupernetSettings, build_supernet
+
+    adapter = get_adapter(model)
+    counts = {int(layer): (int(attn), int(mlp)) for layer, attn, mlp in cfg.keep_counts}
+    settings = SupernetSettings(damping=cfg.refit_damping, max_removal=cfg.max_removal)
+    windows = refit_windows(tokenizer, cfg)
+    net = build_supernet(model, windows, list(range(adapter.num_layers)), settings, cfg.head_mode)
+    plan, refits = net.assemble(adapter, counts, cfg.head_mode)
+    for name, refit in refits.items():
+        write_refit(model.get_submodule(name), refit)
+    errors = {name: round(refit.error, 6) for name, refit in refits.items()}
+    raised = {name: refit.damping for name, refit in refits.items() if refit.damping > cfg.refit_damping}
+    return plan, {
+        "supernet": net.fingerprint,
+        "tokens": int(windows.numel()),
+        "seconds": round(net.seconds, 2),
+        "mean_relative_error": sum(errors.values()) / len(errors) if errors else 0.0,
+        "relative_errors": errors,
+        "damping_raised": raised,
+    }
+
+
 OUTPUTS = ("o_proj", "down_proj")  # the projections whose removed inputs bias compensation replaces
 
 
@@ -355,17 +385,6 @@ def plan_for_scores(model: torch.nn.Module, scores: Scores, budget: Budget, cfg:
     ranked = allocation_offsets(scores, budget, cfg.ranking_mode)
     plan = plan_from_scores(adapter, ranked, keep, cfg.head_mode, round_to=cfg.round_to, ranking=cfg.ranking_mode)
     return plan, {"layers": list(budget.layers), "dense_params": dense_params, "rate": keep.rate}
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    return {
-        "adapruner": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
 FRESH_SEED = 0  # the search draws fresh activation windows with this seed: one pass per source, shared by mixes
@@ -413,6 +432,9 @@ def _options_from_run(run_dir: Path) -> tuple[float, dict[str, Any], dict[str, A
             "refit_calibration": best.get("space", {}).get("refit_calibration", "128x128"),
             "activation_seed": FRESH_SEED if fresh or config.get("refit", "none") != "none" else None,
         }
+        if config.get("allocation") == "per-layer":
+            options |= {"keep_counts": [list(c) for c in config["counts"]], "layers": None}
+            options["max_removal"] = best["space"]["max_removal"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise AdaPrunerError(f"{path} is corrupted ({exc}): run the search again") from None
     return float(best["ratio"]), options, {"pool": pool, "subset": best["best"]["subset"], "run": str(run_dir)}
@@ -458,8 +480,11 @@ def prune(
         samples = pool.truncated(cfg.seq_len).input_ids[searched["subset"]]
     with _timed(timings, "score"):
         plan, info = compute_plan(hf_model, tokenizer, cfg, samples)
-    local = None
-    if cfg.uses_local_engine:
+    local, local_summary = None, None
+    if cfg.keep_counts is not None:
+        with _timed(timings, "refit"):
+            plan, local_summary = run_supernet(hf_model, tokenizer, cfg)
+    elif cfg.uses_local_engine:
         with _timed(timings, "refit"):
             local = run_local(hf_model, tokenizer, cfg, plan, info)
         plan = local.plan
@@ -477,10 +502,10 @@ def prune(
         "layer_range": info["layers"],
         "config": asdict(cfg),
         "search": searched,
-        "local": None if local is None else local.summary(),
+        "local": local.summary() if local is not None else local_summary,
         "layer_shapes": [s.to_dict() for s in plan.shapes()],
         "plan": plan.to_dict(),
-        "versions": _versions(),
+        "versions": versions(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     result = PruneResult(hf_model, tokenizer, plan, record, timings=timings)
@@ -514,7 +539,7 @@ def score_importance(
         "units": {"attention": "query head" if cfg.head_mode == "query" else cfg.head_mode, "mlp": "channel"},
         "scores": {f"{layer}.{kind}": v.tolist() for (layer, kind), v in scores.items()},
         "plan": plan.to_dict(),
-        "versions": _versions(),
+        "versions": versions(),
     }
     if output is not None:
         write_json_atomic(Path(output), report)
@@ -606,17 +631,17 @@ def evaluate(
         for length in seq_len:
             values = [results["perplexity"][f"{source}@{length}"] for source in ppl]
             results["perplexity"][f"{GEOMEAN}@{length}"] = geometric_mean(values)
-    versions = _versions()
+    library_versions = versions()
     if names:
         zs = zeroshot.zero_shot(
             model, tokenizer, names, limit=limit, batch_size=batch_size, seed=seed, source=task_source
         )
         results["zero_shot"] = zs
-        versions["lm_eval"] = zs["settings"]["lm_eval"]
+        library_versions["lm_eval"] = zs["settings"]["lm_eval"]
         for task, entry in zs["tasks"].items():
             log(f"{name}: {task} {entry['metric']} = {entry[entry['metric']]:.4f} ({entry['documents']} documents)")
         log(f"{name}: zero-shot average = {zs['average']:.4f}")
-    results["settings"] = {"split": "test", "max_tokens": max_tokens, "dtype": dtype, "versions": versions}
+    results["settings"] = {"split": "test", "max_tokens": max_tokens, "dtype": dtype, "versions": library_versions}
     if output is not None:
         write_json_atomic(Path(output), results)
     return results

@@ -275,8 +275,13 @@ def search(
     pruner: Annotated[
         str, typer.Option(help="Stop hopeless trials on partial evaluation: percentile, median or none.")
     ] = "percentile",
-    objective_source: Annotated[str, typer.Option(help="Validation text for the objective.")] = "wiki",
-    objective_tokens: Annotated[int, typer.Option(help="Validation tokens per trial.")] = 4096,
+    objective_data: Annotated[
+        str, typer.Option(help="Validation text of the objective: sources or local files, comma-separated.")
+    ] = "wiki,news,books,squad",
+    objective_tokens: Annotated[int, typer.Option(help="Validation tokens per objective source.")] = 1024,
+    objective: Annotated[
+        str, typer.Option(help="ppl (perplexity) or kl (KL divergence from the dense model's next-token distribution).")
+    ] = "ppl",
     layers: Layers = None,
     head_mode: HeadMode = "auto",
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: sqlite in the run dir).")] = None,
@@ -312,15 +317,16 @@ def search(
         head_mode=head_mode,
         pool_per_source=pool_per_source,
         pool_seq_len=pool_seq_len,
-        objective_source=objective_source,
+        objective_data=objective_data,
         objective_tokens=objective_tokens,
+        objective=objective,
         dtype=dtype,
         space=search_space,
         pruner=pruner,
     )
     best, baseline = result["best"], result["baseline"]
     table = Table(title=f"search {model} at ratio {ratio}: {result['trials']} trials -> {output}")
-    for col in ("", "validation ppl", "configuration"):
+    for col in ("", f"validation {objective}", "configuration"):
         table.add_column(col)
     table.add_row("LLM-Pruner recipe (trial 0)", f"{baseline['value']:.2f}", "element1, sum, 10 books samples")
     for name, start in result.get("warm_starts", {}).items():
@@ -332,6 +338,11 @@ def search(
 
 def describe_trial(cfg: dict) -> str:
     """One line for a trial's configuration (search table, run log)."""
+    if cfg.get("allocation") == "per-layer":
+        return (
+            f"per-layer keep counts of {len(cfg['counts'])} layers from the supernet on "
+            f"{'+'.join(cfg['sources'])}: structured OBS + least-squares refit"
+        )
     attention = f" (attention: {cfg['attention_metric']})" if cfg.get("attention_metric") else ""
     ranking = cfg.get("ranking") or ("global" if cfg.get("global_ranking") else "layer")
     text = (

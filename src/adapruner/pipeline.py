@@ -37,8 +37,9 @@ class RunConfig:
     seed: int = 0
     search_space: dict[str, Any] = field(default_factory=dict)  # SearchSpace fields
     pool_per_source: int = DEFAULT_POOL_PER_SOURCE
-    objective_source: str = "wiki"
-    objective_tokens: int = 4096
+    objective_data: str = "wiki,news,books,squad"  # validation text of the objective (sources or files)
+    objective_tokens: int = 1024  # per objective source
+    objective: str = "ppl"  # ppl | kl (KL divergence from the dense model)
     pruner: str = "percentile"
     baseline: bool = True  # also prune/recover/evaluate LLM-Pruner's recipe
     baseline_calibration: str = "books"  # LLM-Pruner's calibration text
@@ -60,6 +61,10 @@ class RunConfig:
         if self.trials < 1:
             raise AdaPrunerError(f"--trials {self.trials}: give at least 1")
         SearchSpace(**self.search_space)
+        from .search.study import SCORES
+
+        if self.objective not in SCORES:
+            raise AdaPrunerError(f"unknown objective '{self.objective}': choose one of {', '.join(SCORES)}")
         try:
             FinetuneConfig(**self.finetune).validate()
         except TypeError as exc:
@@ -129,8 +134,9 @@ def run(cfg: RunConfig, output: str | Path) -> dict[str, Any]:
             sampler=cfg.sampler,
             seed=cfg.seed,
             pool_per_source=cfg.pool_per_source,
-            objective_source=cfg.objective_source,
+            objective_data=cfg.objective_data,
             objective_tokens=cfg.objective_tokens,
+            objective=cfg.objective,
             pruner=cfg.pruner,
             dtype=cfg.dtype,
         )

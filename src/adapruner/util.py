@@ -33,3 +33,20 @@ def read_options_file(path: str | Path, options: type, what: str) -> dict[str, A
     if unknown:
         raise AdaPrunerError(f"{path}: unknown key(s) {unknown}; known: {', '.join(sorted(known))}")
     return data
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded in every output (adapruner.json, fine-tuning records)."""
+    import platform
+
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "adapruner": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }

@@ -212,6 +212,7 @@ class Selection:
 
     kept_units: list[int]
     curve: list[tuple[int, float]]
+    removed: list[int] = field(default_factory=list)  # the units removed, first removed first
 
 
 def obs_select(
@@ -239,6 +240,7 @@ def obs_select(
     w = weight.detach().to(gram).clone()
     alive = torch.ones(num_units, dtype=torch.bool)
     curve: list[tuple[int, float]] = [(0, 0.0)]
+    order: list[int] = []
     to_remove, removed, error = num_units - keep, 0, 0.0
     steps = to_remove // blocks if blocks > 1 else min(max(rounds, 1), to_remove)
     for step in range(steps):
@@ -251,9 +253,10 @@ def obs_select(
         columns = torch.cat([torch.arange(u * unit_width, (u + 1) * unit_width) for u in picked]).to(gram.device)
         error += _remove_columns(w, inverse, columns)
         alive[picked] = False
+        order += picked
         removed += len(picked)
         curve.append((removed, error))
-    return Selection(alive.nonzero().squeeze(1).tolist(), curve)
+    return Selection(alive.nonzero().squeeze(1).tolist(), curve, order)
 
 
 def _unit_costs(w: torch.Tensor, inverse: torch.Tensor, width: int, alive: torch.Tensor) -> torch.Tensor:

@@ -120,7 +120,7 @@ def _precision() -> str:
 def _versions() -> dict[str, str]:
     import peft
 
-    from ..api import _versions as base_versions
+    from ..util import versions as base_versions
 
     return base_versions() | {"peft": peft.__version__}
 

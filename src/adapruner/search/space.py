@@ -47,6 +47,8 @@ class TrialConfig:
     layers: str  # a layer range label of SearchSpace.layer_ranges ("default": LLM-Pruner's range)
     activation_calibration: str  # "pool": the subset's activations; "NxL": N fresh windows of L tokens
     refit: str = "none"  # "lsq": the kept o_proj/down_proj columns refitted layer by layer (adapruner.local)
+    allocation: str = "profile"  # "per-layer": ``counts`` assembled from the supernet (adapruner.local.supernet)
+    counts: tuple[tuple[int, int, int], ...] | None = None  # per-layer trials: (layer, attention units, channels)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +81,14 @@ class SearchSpace:
     # "lsq": refit the kept weights layer by layer on refit_calibration windows (NxL) of the trial's sources
     refits: list[str] = field(default_factory=lambda: ["none", "lsq"])
     refit_calibration: str = "128x128"
+    # "per-layer": after `profile_trials` trials the search assigns every layer its own keep counts over a
+    # supernet of refitted candidates (adapruner.search.evolution); "profile" only: the paper's allocation
+    allocations: list[str] = field(default_factory=lambda: ["profile", "per-layer"])
+    profile_trials: int = 8
+    # calibration sources of the supernet (windows: refit_calibration); several: TPE picks one per trial
+    supernet_data: list[str] = field(default_factory=lambda: ["wiki,news,squad"])
+    max_removal: float = 0.9  # the deepest per-layer candidate removes this fraction of a layer's units
+    mlp_levels: int = 32  # a mutation moves dense/mlp_levels MLP channels (attention: one unit per KV group)
     space: str = "joint"
 
     def __post_init__(self) -> None:
@@ -151,6 +161,26 @@ class SearchSpace:
         unknown = sorted(set(self.warm_starts) - set(WARM_STARTS))
         if unknown:
             raise AdaPrunerError(f"unknown warm start {unknown}: choose from {', '.join(WARM_STARTS)} (or none)")
+        self._check_allocation()
+
+    def _check_allocation(self) -> None:
+        from .evolution import ALLOCATIONS, PROFILE
+
+        if not self.allocations or set(self.allocations) - set(ALLOCATIONS) or PROFILE not in self.allocations:
+            raise AdaPrunerError(
+                f"the search space's allocations {self.allocations} must list 'profile' (trial 0) and optionally "
+                "'per-layer'"
+            )
+        if self.profile_trials < 1 or self.mlp_levels < 1 or not 0.0 < self.max_removal < 1.0:
+            raise AdaPrunerError("profile_trials and mlp_levels must be >= 1 and max_removal inside (0, 1)")
+        if not self.supernet_data or not all(isinstance(d, str) and d.strip(",") for d in self.supernet_data):
+            raise AdaPrunerError("the search space's supernet_data must list source specs, e.g. ['wiki,news,squad']")
+
+    @property
+    def per_layer(self) -> bool:
+        from .evolution import PER_LAYER
+
+        return PER_LAYER in self.allocations
 
 
 def _is_range_text(text: str) -> bool:
@@ -199,7 +229,12 @@ def baseline_params(space: SearchSpace) -> dict[str, Any]:
         params["refit"] = "none"
         if space.separate_attention_metric:
             params["attention_metric"] = "same"
-    return params
+    return _with_allocation(space, params)
+
+
+def _with_allocation(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any]:
+    """Profile trials carry ``allocation: profile`` once the space also searches per-layer counts."""
+    return params | {"allocation": "profile"} if space.per_layer else params
 
 
 def warm_start_params(space: SearchSpace, name: str, max_samples: int | None = None) -> dict[str, Any] | None:
@@ -231,7 +266,7 @@ def warm_start_params(space: SearchSpace, name: str, max_samples: int | None = N
         wiki = "wiki" in space.sources  # FLAP calibrates on WikiText2; without wiki: every source of the space
         params |= {f"use_{s}": s == "wiki" or not wiki for s in space.sources}
         if FLAP_WINDOWS in space.fresh_activations:  # FLAP's own 128 windows of 128 tokens: FLAP exactly
-            return params | {"activation_calibration": FLAP_WINDOWS}
+            return _with_allocation(space, params | {"activation_calibration": FLAP_WINDOWS})
         fitting = [n for n in space.num_samples if max_samples is None or n <= max_samples]
         if not fitting:
             return None
@@ -239,14 +274,35 @@ def warm_start_params(space: SearchSpace, name: str, max_samples: int | None = N
         params["subset_seed"] = 0
         if space.fresh_activations:
             params["activation_calibration"] = "pool"
-    return params
+    return _with_allocation(space, params)
 
 
 FLAP_WINDOWS = "128x128"  # FLAP's calibration: 128 samples of 128 tokens
 
 
-def suggest(trial: optuna.Trial, space: SearchSpace) -> TrialConfig:
-    """The metric subspace first: which statistics it reads decides which data parameters matter."""
+def suggest(trial: optuna.Trial, space: SearchSpace, dense: list[tuple[int, int]] | None = None) -> TrialConfig:
+    """The metric subspace first: which statistics it reads decides which data parameters matter.
+
+    Once the space searches per-layer counts, ``allocation`` comes first: a per-layer trial draws only its
+    supernet's calibration data (TPE, when there is a choice) and its counts (the mutation proposer);
+    ``dense`` holds every layer's (attention units, MLP channels) of the dense model.
+    """
+    from .evolution import ATTENTION_PARAM, MLP_PARAM, PER_LAYER
+
+    if space.per_layer and trial.suggest_categorical("allocation", list(space.allocations)) == PER_LAYER:
+        data = space.supernet_data[0]
+        if len(space.supernet_data) > 1:
+            data = trial.suggest_categorical("supernet_data", list(space.supernet_data))
+        from ..data.calibration import split_sources
+
+        if dense is None:
+            raise AdaPrunerError("a per-layer trial needs the model's dense counts")
+        counts = []
+        for layer, (units, channels) in enumerate(dense):
+            attn = trial.suggest_int(f"{ATTENTION_PARAM}{layer}", 1, units)
+            counts.append((layer, attn, trial.suggest_int(f"{MLP_PARAM}{layer}", 1, channels)))
+        fields = {"metric": "obs", "refit": "lsq", "allocation": PER_LAYER, "counts": tuple(counts)}
+        return TrialConfig(**(BASELINE.to_dict() | fields | {"sources": tuple(split_sources(data))}))
     config = BASELINE.to_dict() | (_suggest_metric(trial, space) if space.space != "data" else {})
     if space.space != "metric":
         config |= _suggest_data(trial, space, *_reads(config), refit=config["refit"] != "none")

@@ -32,18 +32,24 @@ from tqdm.auto import tqdm
 
 from ..api import FRESH_SEED, PruneConfig, input_means, parse_windows, plan_for_scores, with_activations
 from ..data import sample_mixture, token_stream
+from ..data.calibration import split_sources
 from ..data.pool import DEFAULT_POOL_PER_SOURCE, build_pool
+from ..data.sources import OFFLINE_SOURCES
 from ..errors import AdaPrunerError
+from ..evaluation.divergence import dense_reference, windowed_kl
 from ..evaluation.perplexity import windowed_nll, windows_of
 from ..importance import Statistics, score_groups
 from ..importance.cache import StatisticsCache, model_fingerprint
 from ..importance.fresh import FreshWindows
 from ..local import applied, local_prune
+from ..local.supernet import Supernet, SupernetSettings, build_supernet, min_keep
 from ..models import get_adapter, layer_groups
+from ..models.groups import attention_group, mlp_group
 from ..models.loading import load_model
 from ..pruning import Budget, masked
 from ..pruning.io import write_csv_atomic, write_json_atomic
 from ..pruning.plan import parse_layer_range
+from .evolution import PER_LAYER, AllocationBudget, AllocationSampler, Counts, LayerLimits, Proposer
 from .report import write_report
 from .space import (
     DEFAULT_LAYERS,
@@ -61,15 +67,27 @@ MAX_RETRY = 3  # how many times the parameters of such a trial are run again
 CONNECT_TIMEOUT = 10  # seconds to wait for a PostgreSQL server before giving up
 
 
-def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+def _sampler(name: str, seed: int | None, space: SearchSpace | None = None) -> optuna.samplers.BaseSampler:
+    """TPE or random search over data and metric; with a per-layer space wrapped in the allocation
+    sampler, whose proposer gives the per-layer counts (mutations, or random allocations for ``random``)."""
     if name == "tpe":
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(
+        base: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
             seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=8
         )
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise AdaPrunerError(f"unknown --sampler '{name}': choose one of {', '.join(SAMPLERS)}")
+    elif name == "random":
+        base = optuna.samplers.RandomSampler(seed=seed)
+    else:
+        raise AdaPrunerError(f"unknown --sampler '{name}': choose one of {', '.join(SAMPLERS)}")
+    if space is not None and space.per_layer:
+        return AllocationSampler(base, space.profile_trials)
+    return base
+
+
+def space_fingerprint(space: SearchSpace) -> str:
+    """A short hash of the search space: a study continued with another space is refused."""
+    text = json.dumps(asdict(space), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 class Objective:
@@ -92,16 +110,33 @@ class Objective:
         seq_len: int,
         steps: int = 4,
         tokenizer=None,
+        score: str = "ppl",
     ) -> None:
+        """``valid_tokens``: one token stream, or one per objective source (each cut into windows, then
+        interleaved so that every evaluation chunk holds an equal share of every source). ``score``: ``ppl``
+        (perplexity) or ``kl`` (mean KL divergence from the dense model's next-token distribution, whose
+        top-k is computed here, while the model is still dense)."""
         self.model, self.adapter, self.tokenizer = model, get_adapter(model), tokenizer
         self._fresh: dict[tuple, Statistics] = {}
         self._refit_windows: dict[tuple[str, ...], torch.Tensor] = {}
         self.last_refit_seconds = 0.0  # the layer-by-layer refit's share of the last trial's plan_for
+        self.last_supernet_seconds = 0.0  # the supernet's build (or load) when the last trial needed it
         self.ratio, self.layers, self.head_mode = ratio, layers, head_mode
         self.pool, self.space = pool, space
         self.caches = {pool.seq_len: cache}
         self.fresh_windows = FreshWindows(model, tokenizer, cache.modules)  # source passes shared by the mixes
-        self.windows = windows_of(valid_tokens, seq_len)
+        streams = valid_tokens if isinstance(valid_tokens, list | tuple) else [valid_tokens]
+        self.windows = interleaved([windows_of(tokens, seq_len) for tokens in streams])
+        self.supernet_settings = SupernetSettings(damping=PruneConfig.refit_damping, max_removal=space.max_removal)
+        self._supernets: dict[tuple[str, ...], Supernet] = {}
+        self.dense = [
+            (attention_group(self.adapter, i, head_mode).num_units, s.intermediate_size)
+            for i, s in enumerate(self.adapter.layer_shapes())
+        ]
+        if score not in SCORES:
+            raise AdaPrunerError(f"unknown --objective '{score}': choose one of {', '.join(SCORES)}")
+        self.score = score
+        self.reference = dense_reference(model, self.windows) if score == "kl" else None
         if self.windows.shape[0] < steps:
             raise AdaPrunerError(
                 f"the validation text gives only {self.windows.shape[0]} windows of {seq_len} tokens: "
@@ -167,12 +202,33 @@ class Objective:
             self._refit_windows[config.sources] = windows
         return self._refit_windows[config.sources]
 
+    def supernet_for(self, sources: tuple[str, ...]) -> Supernet:
+        """The supernet of every layer on ``refit_calibration`` windows of ``sources`` (built once, cached)."""
+        if sources not in self._supernets:
+            windows = sample_mixture(self.tokenizer, list(sources), *self._refit_shape(), seed=FRESH_SEED)
+            layers = list(range(self.adapter.num_layers))
+            net = build_supernet(self.model, windows, layers, self.supernet_settings, self.head_mode)
+            self._supernets[sources] = net
+        return self._supernets[sources]
+
+    def _refit_shape(self) -> tuple[int, int]:
+        return parse_windows(self.space.refit_calibration)
+
     def plan_for(self, config: TrialConfig):
         """The plan a trial's configuration gives, built exactly as ``adapruner prune`` builds it.
 
         Returns the plan, the calibration subset, with compensation the subset's mean input of every
         o_proj/down_proj (None otherwise) and with ``refit`` lsq the refitted projections (None otherwise).
+        A per-layer trial assembles its plan and refits from the supernet's candidates.
         """
+        if config.allocation == PER_LAYER:
+            clock = time.perf_counter()
+            built = config.sources not in self._supernets
+            net = self.supernet_for(config.sources)
+            self.last_supernet_seconds = time.perf_counter() - clock if built else 0.0
+            plan, refits = net.assemble(self.adapter, {i: (a, m) for i, a, m in config.counts}, self.head_mode)
+            self.last_refit_seconds = time.perf_counter() - clock
+            return plan, None, None, refits
         layers = self.layers[config.layers]
         cfg = self.prune_config(config)
         metric = cfg.build_metric()
@@ -197,7 +253,12 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran (or abandoned) it
-        config = suggest(trial, self.space)
+        config = suggest(trial, self.space, self.dense)
+        if config.allocation == PER_LAYER:
+            trial.set_user_attr("allocation", PER_LAYER)
+            origin = getattr(trial.study.sampler, "origin", lambda _t: {})(trial.number)
+            for key, value in origin.items():
+                trial.set_user_attr(key, value)
         if trial.params == baseline_params(self.space):
             trial.set_user_attr("baseline", True)
         for name, params in self.warm_starts.items():
@@ -220,6 +281,8 @@ class Objective:
         seconds = {"importance": time.perf_counter() - clock - self.last_refit_seconds}
         if refits is not None:
             seconds["refit"] = self.last_refit_seconds
+        if config.allocation == PER_LAYER and self.last_supernet_seconds:  # built (or loaded) in this trial
+            trial.set_user_attr("supernet_seconds", round(self.last_supernet_seconds, 1))
         trial.set_user_attr("subset", subset)
         trial.set_user_attr("kept", [list(asdict(s).values()) for s in plan.shapes()])
         try:
@@ -227,26 +290,123 @@ class Objective:
         finally:
             trial.set_user_attr("seconds", {k: round(v, 3) for k, v in seconds.items()})
 
+    def _rival(self, trial: optuna.Trial) -> float | None:
+        """A per-layer trial stops after its first chunk if it is worse there than the best per-layer trial."""
+        if trial.user_attrs.get("allocation") != PER_LAYER:
+            return None
+        done = [
+            t
+            for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.user_attrs.get("allocation") == PER_LAYER and t.user_attrs.get("partial")
+        ]
+        if not done:
+            return None
+        return min(done, key=lambda t: t.value).user_attrs["partial"][0] * (1 + REJECT_TOLERANCE)
+
     def _evaluate(self, trial: optuna.Trial, plan, seconds: dict[str, float], means=None, refits=None) -> float:
         """Masked validation perplexity, chunk by chunk; times masking and evaluation separately.
 
         Refitted projections are written in place for the evaluation and the dense weights put back after.
+        The running value after each chunk is kept (``partial``): per-layer trials are rejected early
+        against the best per-layer trial's first chunk; the others go to the Optuna pruner.
         """
-        total_nll, total_tokens = 0.0, 0
+        rival = self._rival(trial)
+        partial: list[float] = []
+        total_loss, total_tokens = 0.0, 0
+        chunks = self.windows.tensor_split(self.steps)
+        references = self.reference.split(self.steps) if self.reference is not None else [None] * len(chunks)
         clock = time.perf_counter()
         with torch.no_grad(), masked(self.adapter, plan, input_means=means), applied(self.model, refits or {}):
             seconds["masking"] = time.perf_counter() - clock
             clock = time.perf_counter()
-            for step, chunk in enumerate(self.windows.tensor_split(self.steps)):
-                for nll, count in windowed_nll(self.model, chunk):
-                    total_nll += nll
+            for step, (chunk, reference) in enumerate(zip(chunks, references, strict=True)):
+                losses = (
+                    windowed_nll(self.model, chunk) if reference is None else windowed_kl(self.model, chunk, reference)
+                )
+                for loss, count in losses:
+                    total_loss += loss
                     total_tokens += count
                 seconds["evaluation"] = time.perf_counter() - clock
                 if step < self.steps - 1:
-                    trial.report(math.exp(total_nll / total_tokens), step)
-                    if trial.should_prune():
-                        raise optuna.TrialPruned(f"validation perplexity after {step + 1}/{self.steps} chunks")
-        return math.exp(total_nll / total_tokens)
+                    running = self._value(total_loss, total_tokens)
+                    partial.append(running)
+                    trial.set_user_attr("partial", partial)
+                    trial.report(running, step)
+                    if rival is not None and step == 0 and running > rival:
+                        raise optuna.TrialPruned(f"worse than the best per-layer trial after 1/{self.steps} chunks")
+                    if rival is None and trial.user_attrs.get("allocation") != PER_LAYER and trial.should_prune():
+                        raise optuna.TrialPruned(f"validation {self.score} after {step + 1}/{self.steps} chunks")
+        return self._value(total_loss, total_tokens)
+
+    def _value(self, loss: float, tokens: int) -> float:
+        """Perplexity (exp of the mean NLL) or the mean KL divergence per predicted token."""
+        return math.exp(loss / tokens) if self.score == "ppl" else loss / tokens
+
+
+SCORES = ("ppl", "kl")
+REJECT_TOLERANCE = 0.005  # a per-layer child continues past its first chunk if within 0.5% of the best
+
+
+def interleaved(sources: list[torch.Tensor]) -> torch.Tensor:
+    """Windows of several sources, equally many of each (the shortest decides), in round-robin order."""
+    count = min(w.shape[0] for w in sources)
+    return torch.stack([w[:count] for w in sources], dim=1).reshape(count * len(sources), -1)
+
+
+def allocation_budget(model, ratio: float, space: SearchSpace, head_mode: str) -> AllocationBudget:
+    """Per-layer limits of the supernet's candidates and the parameters ``ratio`` must remove."""
+    from ..pruning.plan import count_params
+
+    adapter = get_adapter(model)
+    limits = {}
+    for i in range(adapter.num_layers):
+        attn, mlp = attention_group(adapter, i, head_mode), mlp_group(adapter, i)
+        limits[i] = LayerLimits(
+            min_keep(attn.num_units, attn.blocks, space.max_removal),
+            attn.num_units,
+            attn.blocks,
+            min_keep(mlp.num_units, 1, space.max_removal),
+            mlp.num_units,
+            attn.params_per_unit,
+            mlp.params_per_unit,
+        )
+    budget = AllocationBudget(limits, ratio * count_params(model), space.mlp_levels)
+    budget.check_reachable(ratio)
+    return budget
+
+
+def kept_counts(kept: list[list[int]], dense: list[tuple[int, int]], adapter) -> Counts:
+    """A trial's recorded layer shapes (query heads, KV heads, channels) as per-layer keep counts."""
+    counts: Counts = {}
+    for i, ((queries, kv, channels), (units, _)) in enumerate(zip(kept, dense, strict=True)):
+        counts[i] = (queries if units == adapter.layer_shape(i).num_attention_heads else kv, channels)
+    return counts
+
+
+def allocation_starts(objective: Objective, ratio: float, head_mode: str):
+    """The proposer's start allocations: the best profile trial's counts, then a uniform rate over
+    LLM-Pruner's layer range (``--method local-obs``'s allocation)."""
+    from ..pruning.plan import count_params, default_layer_range, solve_keep_counts
+
+    adapter = objective.adapter
+    uniform = solve_keep_counts(
+        adapter,
+        Budget(ratio, default_layer_range(adapter.num_layers), head_mode=head_mode),
+        count_params(adapter.model),
+    )
+    dense = objective.dense
+    uniform_counts = {i: c if c is not None else dense[i] for i, c in enumerate(uniform.counts)}
+
+    def starts(study: optuna.Study) -> list[Counts]:
+        profile = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.user_attrs.get("allocation") != PER_LAYER and t.user_attrs.get("kept") and t.value is not None
+        ]
+        found = [kept_counts(min(profile, key=lambda t: t.value).user_attrs["kept"], dense, adapter)] if profile else []
+        return [*found, uniform_counts]
+
+    return starts
 
 
 def _same_config(trial: optuna.Trial, config: TrialConfig) -> optuna.trial.FrozenTrial | None:
@@ -436,8 +596,9 @@ def search(
     head_mode: str = "auto",
     pool_per_source: int = DEFAULT_POOL_PER_SOURCE,
     pool_seq_len: int | None = None,
-    objective_source: str = "wiki",
-    objective_tokens: int = 4096,
+    objective_data: str = ",".join(OFFLINE_SOURCES),
+    objective_tokens: int = 1024,
+    objective: str = "ppl",
     objective_seq_len: int = 128,
     dtype: str = "float32",
     pruner: str = "percentile",
@@ -445,7 +606,10 @@ def search(
     """Run (or continue) the search; returns the best trial's configuration and objective.
 
     The pool holds ``pool_per_source`` windows of ``pool_seq_len`` tokens (default: the longest of the
-    space's ``seq_lens``) per source; shorter sequence lengths use the windows' prefixes.
+    space's ``seq_lens``) per source; shorter sequence lengths use the windows' prefixes. The objective
+    is the perplexity over ``objective_tokens`` validation tokens of each ``objective_data`` source (a
+    name or a local file; equal tokens, so it is the geometric mean of the sources' perplexities), or
+    with ``objective="kl"`` the mean KL divergence from the dense model on the same windows.
     """
     space = space or SearchSpace()
     if layers is not None:  # --layers fixes the range: "default" is that range, and the only one searched
@@ -457,9 +621,12 @@ def search(
     if pool_seq_len < max(space.seq_lens):
         raise AdaPrunerError(f"--pool-seq-len {pool_seq_len} is shorter than the space's seq_lens {space.seq_lens}")
     _pruner(pruner)
+    score = objective  # the name `objective` is the Objective below
+    if score not in SCORES:
+        raise AdaPrunerError(f"unknown --objective '{score}': choose one of {', '.join(SCORES)}")
+    split_sources(objective_data)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar shows best and baseline
     run_dir = Path(output)
-    run_dir.mkdir(parents=True, exist_ok=True)
     shared = _connect(storage) if storage is not None else None  # before the (slow) model load
     hf_model, tokenizer = load_model(model, dtype)
     adapter = get_adapter(hf_model)
@@ -468,9 +635,19 @@ def search(
     covered = (min(r[0] for r in ranges.values()), max(r[1] for r in ranges.values()))
     cache = StatisticsCache(hf_model, pool, adapter.projection_names(range(*covered)))
     cache.per_sample()
-    valid = token_stream(tokenizer, objective_source, "validation", objective_tokens)
+    valid = [token_stream(tokenizer, name, "validation", objective_tokens) for name in split_sources(objective_data)]
     objective = Objective(
-        hf_model, ratio, ranges, head_mode, pool, cache, space, valid, objective_seq_len, tokenizer=tokenizer
+        hf_model,
+        ratio,
+        ranges,
+        head_mode,
+        pool,
+        cache,
+        space,
+        valid,
+        objective_seq_len,
+        tokenizer=tokenizer,
+        score=score,
     )
     for length in space.seq_lens:
         objective.cache_for(length)
@@ -481,17 +658,27 @@ def search(
         "pool": pool.fingerprint,
         "space": space.space,
         "layers": layers_text,
+        "objective": f"{score}:{','.join(split_sources(objective_data))}@{objective_tokens}x{objective_seq_len}",
+        "search_space": space_fingerprint(space),
     }
     # Workers of a shared study seeded alike would sample the same configurations side by side.
-    study_sampler = _sampler(sampler, seed if shared is None else None)
+    # an impossible level grid is refused before anything is written
+    budget = allocation_budget(hf_model, ratio, space, head_mode) if space.per_layer else None
+    study_sampler = _sampler(sampler, seed if shared is None else None, space)
+    if shared is None:  # only now: a bad storage or grid leaves nothing behind (the local study needs the folder)
+        run_dir.mkdir(parents=True, exist_ok=True)
     local = f"sqlite:///{(run_dir / 'study.db').resolve()}"
     warm = {name: warm_start_params(space, name, pool_per_source) for name in space.warm_starts}
     objective.warm_starts = {name: params for name, params in warm.items() if params is not None}
     starts = [baseline_params(space), *objective.warm_starts.values()]
     study = _open_study(shared or local, study_name, study_sampler, identity, starts)
+    run_dir.mkdir(parents=True, exist_ok=True)  # a shared study of another setting was refused above
     study.pruner = _pruner(pruner)
     if shared is None and study.trials:
-        study.sampler = _sampler(sampler, resumed_seed(seed, len(study.trials)))
+        study.sampler = _sampler(sampler, resumed_seed(seed, len(study.trials)), space)
+    if budget is not None:
+        start_counts = allocation_starts(objective, ratio, head_mode)
+        study.sampler.proposer = Proposer(budget, start_counts, seed, randomly=sampler == "random")
     if shared is None:
         _retry_interrupted(study)
     counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # failed trials are retried
@@ -528,6 +715,8 @@ def search(
             "layer_ranges": {label: f"{start}:{end}" for label, (start, end) in ranges.items()},
             "head_mode": head_mode,
             "pruner": pruner,
+            "objective": f"validation {score} of the masked model, {objective_tokens} tokens of each of "
+            f"{', '.join(split_sources(objective_data))}",
         },
     )
 

@@ -1,0 +1,252 @@
+"""Per-layer allocation search: budget-preserving mutations of per-layer keep counts (EvoPress-style).
+
+A per-layer trial keeps ``attn_<i>`` attention units and ``mlp_<i>`` MLP channels in layer ``i``; the
+values are Optuna trial parameters (so ``trials.csv``, resume and shared storages see them) but TPE does
+not model them: :class:`AllocationSampler` hands them to a :class:`Proposer`, and every other parameter
+(the data and metric dimensions) to the wrapped sampler (TPE).
+
+The proposer first evaluates its start allocations (the best profile trial's per-layer counts, and a
+uniform rate over LLM-Pruner's layer range), then mutates the best per-layer trial so far: a few moves
+that prune one layer one step more and another one step less (MLP channels in steps of
+``dense / mlp_levels``, attention units one block at a time), after which the MLP counts are repaired so
+that the parameters removed stay within one channel of ``ratio`` of the model. EvoPress shows such
+level-swapping mutations with elitist selection converge in few evaluations where generic samplers
+do not; early rejection (a child worse than its parent on the first validation chunk stops there) keeps
+each rejected child cheap.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution
+
+from ..errors import AdaPrunerError
+
+ATTENTION_PARAM = "attn_"
+MLP_PARAM = "mlp_"
+PER_LAYER = "per-layer"
+PROFILE = "profile"
+ALLOCATIONS = (PROFILE, PER_LAYER)
+
+Counts = dict[int, tuple[int, int]]  # layer -> (attention units kept, MLP channels kept)
+
+
+def is_allocation_param(name: str) -> bool:
+    """Parameters TPE does not model: the per-layer counts and the allocation kind (a schedule)."""
+    return name == "allocation" or name.startswith((ATTENTION_PARAM, MLP_PARAM))
+
+
+def counts_to_params(counts: Counts) -> dict[str, int]:
+    params: dict[str, int] = {}
+    for layer, (attn, mlp) in sorted(counts.items()):
+        params[f"{ATTENTION_PARAM}{layer}"] = attn
+        params[f"{MLP_PARAM}{layer}"] = mlp
+    return params
+
+
+def params_to_counts(params: dict[str, Any]) -> Counts:
+    layers = sorted(int(k[len(ATTENTION_PARAM) :]) for k in params if k.startswith(ATTENTION_PARAM))
+    return {i: (int(params[f"{ATTENTION_PARAM}{i}"]), int(params[f"{MLP_PARAM}{i}"])) for i in layers}
+
+
+@dataclass(frozen=True)
+class LayerLimits:
+    """What one layer's counts may be: kept units within [min, dense], attention in multiples of ``step``."""
+
+    attn_min: int
+    attn_dense: int
+    attn_step: int
+    mlp_min: int
+    mlp_dense: int
+    attn_params: int  # parameters one attention unit owns
+    mlp_params: int  # parameters one MLP channel owns
+
+
+@dataclass
+class AllocationBudget:
+    """The parameters a per-layer allocation must remove: ``target`` (ratio × the whole model's)."""
+
+    limits: dict[int, LayerLimits]
+    target: float
+    mlp_levels: int = 32
+
+    def removed(self, counts: Counts) -> int:
+        total = 0
+        for layer, (attn, mlp) in counts.items():
+            lim = self.limits[layer]
+            total += (lim.attn_dense - attn) * lim.attn_params + (lim.mlp_dense - mlp) * lim.mlp_params
+        return total
+
+    def check_reachable(self, ratio: float) -> None:
+        """A grid whose deepest candidates cannot remove ``ratio`` of the model is refused (one line)."""
+        deepest = {i: (lim.attn_min, lim.mlp_min) for i, lim in self.limits.items()}
+        if self.removed(deepest) < self.target:
+            raise AdaPrunerError(
+                f"the per-layer levels cannot reach ratio {ratio}: even the deepest candidates of every layer remove "
+                f"{self.removed(deepest) / (self.target / ratio):.3f} of the model; raise the supernet's max_removal"
+            )
+
+    def mlp_step(self, layer: int) -> int:
+        return max(1, self.limits[layer].mlp_dense // self.mlp_levels)
+
+    def clamp(self, counts: Counts) -> Counts:
+        """Counts inside each layer's limits (attention on its block grid)."""
+        out: Counts = {}
+        for layer, lim in self.limits.items():
+            attn, mlp = counts.get(layer, (lim.attn_dense, lim.mlp_dense))
+            attn = min(max(attn - attn % lim.attn_step, lim.attn_min), lim.attn_dense)
+            out[layer] = (attn, min(max(mlp, lim.mlp_min), lim.mlp_dense))
+        return out
+
+    def repair(self, counts: Counts, rng: random.Random) -> Counts:
+        """Adjust MLP counts (attention too, once the MLP has no room left) until the removed parameters
+        come within one channel of ``target``."""
+        counts = self.clamp(counts)
+        layers = list(self.limits)
+        for _ in range(8 * len(layers)):
+            gap = self.target - self.removed(counts)  # > 0: remove more
+            rng.shuffle(layers)
+            if all(round(gap / self.limits[i].mlp_params) == 0 for i in layers):
+                return counts
+            if not self._move_channels(counts, layers, gap) and not self._move_heads(counts, layers, gap):
+                break
+        if abs(self.target - self.removed(counts)) > max(lim.mlp_params for lim in self.limits.values()):
+            raise AdaPrunerError("cannot meet the ratio with the per-layer levels: raise the supernet's max_removal")
+        return counts
+
+    def _move_channels(self, counts: Counts, layers: list[int], gap: float) -> bool:
+        for layer in layers:
+            lim, (attn, mlp) = self.limits[layer], counts[layer]
+            new = min(max(mlp - round(gap / lim.mlp_params), lim.mlp_min), lim.mlp_dense)
+            if new != mlp:
+                counts[layer] = (attn, new)
+                return True
+        return False
+
+    def _move_heads(self, counts: Counts, layers: list[int], gap: float) -> bool:
+        return any(self._step(counts, layer, "attn", -1 if gap > 0 else 1) for layer in layers)
+
+    def random(self, rng: random.Random) -> Counts:
+        """Independent uniform keep counts per layer, then the MLP counts repaired to the budget."""
+        counts: Counts = {}
+        for layer, lim in self.limits.items():
+            steps = (lim.attn_dense - lim.attn_min) // lim.attn_step
+            counts[layer] = (
+                lim.attn_min + lim.attn_step * rng.randint(0, steps),
+                rng.randint(lim.mlp_min, lim.mlp_dense),
+            )
+        return self.repair(counts, rng)
+
+    def mutate(self, parent: Counts, rng: random.Random) -> Counts:
+        """A few budget-preserving moves: one layer pruned one step more, another one step less."""
+        child = dict(parent)
+        moves = rng.choice((1, 1, 2, 3))
+        layers = list(self.limits)
+        for _ in range(moves):
+            for _attempt in range(20):
+                more, less = rng.sample(layers, 2)
+                kinds = rng.choices((("mlp", "mlp"), ("attn", "attn"), ("attn", "mlp"), ("mlp", "attn")), (4, 2, 1, 1))[
+                    0
+                ]
+                trial = dict(child)
+                if self._step(trial, more, kinds[0], -1) and self._step(trial, less, kinds[1], +1):
+                    child = trial
+                    break
+        return self.repair(child, rng)
+
+    def _step(self, counts: Counts, layer: int, kind: str, sign: int) -> bool:
+        lim, (attn, mlp) = self.limits[layer], counts[layer]
+        if kind == "attn":
+            new = attn + sign * lim.attn_step
+            if not lim.attn_min <= new <= lim.attn_dense:
+                return False
+            counts[layer] = (new, mlp)
+        else:
+            new = mlp + sign * self.mlp_step(layer)
+            if not lim.mlp_min <= new <= lim.mlp_dense:
+                return False
+            counts[layer] = (attn, new)
+        return True
+
+
+class Proposer:
+    """The per-layer counts of the next trial: a start allocation, else a mutation of the best so far."""
+
+    def __init__(
+        self,
+        budget: AllocationBudget,
+        starts: Callable[[optuna.Study], list[Counts]],
+        seed: int,
+        randomly: bool = False,
+    ) -> None:
+        """``randomly``: after the starts, random allocations of the budget (random search's baseline)."""
+        self.budget, self.starts, self.seed, self.randomly = budget, starts, seed, randomly
+
+    def propose(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> tuple[dict[str, int], dict[str, Any]]:
+        """Parameters for ``trial`` and what they came from (user attributes: ``start`` or ``parent``)."""
+        rng = random.Random(self.seed * 1_000_003 + trial.number)
+        earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and _per_layer(t)]
+        starts = self.starts(study)
+        if len(earlier) < len(starts):
+            index = len(earlier)
+            return counts_to_params(self.budget.repair(starts[index], rng)), {"start": index}
+        if self.randomly:
+            return counts_to_params(self.budget.random(rng)), {"random": True}
+        done = [t for t in earlier if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
+        if not done:  # the starts are still running elsewhere, or failed: mutate the first start
+            return counts_to_params(self.budget.mutate(self.budget.repair(starts[0], rng), rng)), {"start": 0}
+        parent = min(done, key=lambda t: t.value)
+        child = self.budget.mutate(params_to_counts(parent.params), rng)
+        return counts_to_params(child), {"parent": parent.number}
+
+
+def _per_layer(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.params.get("allocation") == PER_LAYER or trial.user_attrs.get("allocation") == PER_LAYER
+
+
+class AllocationSampler(optuna.samplers.BaseSampler):
+    """Per-layer counts from a :class:`Proposer`; every other parameter from ``base`` (TPE or random)."""
+
+    def __init__(self, base: optuna.samplers.BaseSampler, profile_trials: int) -> None:
+        self.base, self.profile_trials = base, profile_trials
+        self.proposer: Proposer | None = None  # set once the supernet's limits are known
+        self._proposals: dict[int, tuple[dict[str, int], dict[str, Any]]] = {}
+
+    def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:
+        space = self.base.infer_relative_search_space(study, trial)
+        return {name: dist for name, dist in space.items() if not is_allocation_param(name)}
+
+    def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
+        return self.base.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution) -> Any:
+        if param_name == "allocation":  # the first profile_trials trials, then per-layer ones
+            return PER_LAYER if trial.number >= self.profile_trials else PROFILE
+        if not is_allocation_param(param_name):
+            return self.base.sample_independent(study, trial, param_name, param_distribution)
+        return self.proposal(study, trial)[0][param_name]
+
+    def proposal(self, study, trial) -> tuple[dict[str, int], dict[str, Any]]:
+        if self.proposer is None:
+            raise AdaPrunerError("the per-layer allocation needs the supernet: no proposer was set")
+        if trial.number not in self._proposals:
+            self._proposals = {trial.number: self.proposer.propose(study, trial)}
+        return self._proposals[trial.number]
+
+    def origin(self, number: int) -> dict[str, Any]:
+        """Where trial ``number``'s counts came from (``start`` index or ``parent`` trial), if proposed here."""
+        return self._proposals.get(number, ({}, {}))[1]
+
+    def before_trial(self, study, trial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
