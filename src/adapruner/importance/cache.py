@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..data.pool import CalibrationPool
 from ..paths import cache_dir
-from ..util import log
+from ..util import log, save_tensors_atomic
 from .base import Importance, Statistics
 from .collector import collect_statistics
 
@@ -43,15 +41,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 def _save(stats: Statistics, path: Path, metadata: dict[str, str]) -> None:
     tensors = {f"{table}{SEP}{name}": v.contiguous() for table in TABLES for name, v in getattr(stats, table).items()}
     tensors["tokens"] = stats.tokens.contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_tensors_atomic(tensors, path, metadata)
 
 
 def _load(path: Path, expected: dict[str, str]) -> Statistics | None:

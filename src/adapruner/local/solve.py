@@ -154,6 +154,20 @@ def refit_columns(
     kept block is copied out, so the solve holds it and then two |K|×|K| matrices, never more.
     """
     gram, mean = moments.release(centred=with_bias)
+    return refit_on_gram(weight, bias, gram, mean, kept, damping, name)
+
+
+def refit_on_gram(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    gram: torch.Tensor,
+    mean: torch.Tensor | None,
+    kept: torch.Tensor,
+    damping: float,
+    name: str = "a projection",
+) -> Refit:
+    """:func:`refit_columns` on a finalised fp64 Gram matrix (centred when ``mean`` is given, which then
+    refits the bias). ``gram`` is consumed: pass the only reference (or a copy) so it is freed early."""
     w = weight.detach().to(device=gram.device, dtype=torch.float64)
     kept = kept.to(gram.device)
     weighted = w @ gram  # W A, [out, n]
@@ -303,4 +317,5 @@ __all__ = [
     "output_energy",
     "reconstruction_error",
     "refit_columns",
+    "refit_on_gram",
 ]

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -29,7 +27,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..errors import AdaPrunerError
@@ -37,9 +34,9 @@ from ..models.base import ModelAdapter, get_adapter
 from ..models.groups import HeadMode, attention_group, mlp_group
 from ..paths import cache_dir
 from ..pruning.plan import PrunePlan, layer_plan
-from ..util import log
+from ..util import log, save_tensors_atomic
 from .engine import capture_inputs, input_moments, run_layer
-from .solve import InputMoments, Refit, obs_select, refit_columns
+from .solve import Refit, obs_select, refit_on_gram
 
 SUPERNET_VERSION = "1"
 MEMO_SIZE = 256  # refitted candidates kept in memory (a trial changes a few layers; the rest are hits)
@@ -78,10 +75,8 @@ class Candidates:
     def refit(self, weight: torch.Tensor, bias: torch.Tensor | None, keep: int, damping: float) -> Refit:
         kept_units = self.kept_units(keep)
         kept = torch.cat([torch.arange(u * self.unit_width, (u + 1) * self.unit_width) for u in kept_units])
-        moments = InputMoments(self.gram.shape[0])
-        moments.gram = self.gram.double()  # a copy: refit_columns consumes the moments' Gram matrix
-        moments.total, moments.tokens, moments.centred = self.mean.double(), 1, True
-        return refit_columns(weight, bias, moments, kept, damping, True, self.name)
+        gram = self.gram.double()  # a copy: the solve consumes its Gram matrix
+        return refit_on_gram(weight, bias, gram, self.mean.double(), kept, damping, self.name)
 
 
 @dataclass
@@ -108,10 +103,6 @@ class Supernet:
     fingerprint: str
     seconds: float = 0.0
     _memo: OrderedDict = field(default_factory=OrderedDict, repr=False)
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted(self.attention)
 
     def limits(self, layer: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         """(min keep, dense count, step) for the layer's attention units and MLP channels."""
@@ -163,20 +154,6 @@ def supernet_fingerprint(
     return digest.hexdigest()[:16]
 
 
-def _removal_order(
-    weight: torch.Tensor,
-    moments: InputMoments,
-    width: int,
-    blocks: int,
-    min_keep: int,
-    settings: SupernetSettings,
-    name: str,
-) -> list[int]:
-    """Units in the order structured OBS removes them down to ``min_keep`` (a batch in its cost order)."""
-    gram = moments.finalise(centred=True)
-    return obs_select(weight, gram, width, min_keep, blocks, settings.rounds, settings.damping, name).removed
-
-
 def min_keep(num_units: int, blocks: int, max_removal: float) -> int:
     per_block = num_units // blocks
     return max(1, per_block - int(per_block * max_removal)) * blocks
@@ -219,10 +196,13 @@ def build_supernet(
                 moments = input_moments(layer, module, inputs, next(module.parameters()).device)
                 moments.check(name)
                 width = module.in_features // units
-                order = _removal_order(
-                    module.weight, moments, width, blocks, min_keep(units, blocks, settings.max_removal), settings, name
+                gram = moments.finalise(centred=True)
+                deepest = min_keep(units, blocks, settings.max_removal)
+                selection = obs_select(
+                    module.weight, gram, width, deepest, blocks, settings.rounds, settings.damping, name
                 )
-                gram, mean = moments.gram.float(), moments.mean.float()
+                order = selection.removed  # first removed first; a batch in its cost order
+                gram, mean = gram.float(), moments.mean.float()
                 cands = Candidates(name, width, blocks, order, gram, mean, moments.tokens)
                 (attention if kind == "attention" else mlp)[index] = cands
         if index < last:
@@ -242,16 +222,8 @@ def _save(supernet: Supernet, path: Path) -> None:
             tensors[f"{key}.mean"] = c.mean.contiguous()
             tensors[f"{key}.order"] = torch.tensor(c.order, dtype=torch.int64)
             meta[key] = {"name": c.name, "unit_width": c.unit_width, "blocks": c.blocks, "tokens": c.tokens}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        metadata = {"fingerprint": supernet.fingerprint, "candidates": json.dumps(meta)}
-        save_file(tensors, tmp, metadata=metadata | {"seconds": str(supernet.seconds)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    metadata = {"fingerprint": supernet.fingerprint, "candidates": json.dumps(meta), "seconds": str(supernet.seconds)}
+    save_tensors_atomic(tensors, path, metadata)
 
 
 def _load(path: Path, fingerprint: str, settings: SupernetSettings) -> Supernet | None:

@@ -202,17 +202,13 @@ class Objective:
             self._refit_windows[config.sources] = windows
         return self._refit_windows[config.sources]
 
-    def supernet_for(self, sources: tuple[str, ...]) -> Supernet:
-        """The supernet of every layer on ``refit_calibration`` windows of ``sources`` (built once, cached)."""
-        if sources not in self._supernets:
-            windows = sample_mixture(self.tokenizer, list(sources), *self._refit_shape(), seed=FRESH_SEED)
+    def supernet_for(self, config: TrialConfig) -> Supernet:
+        """The supernet of every layer on the trial's refit windows (built once per sources, cached on disk)."""
+        if config.sources not in self._supernets:
             layers = list(range(self.adapter.num_layers))
-            net = build_supernet(self.model, windows, layers, self.supernet_settings, self.head_mode)
-            self._supernets[sources] = net
-        return self._supernets[sources]
-
-    def _refit_shape(self) -> tuple[int, int]:
-        return parse_windows(self.space.refit_calibration)
+            net = build_supernet(self.model, self.refit_windows(config), layers, self.supernet_settings, self.head_mode)
+            self._supernets[config.sources] = net
+        return self._supernets[config.sources]
 
     def plan_for(self, config: TrialConfig):
         """The plan a trial's configuration gives, built exactly as ``adapruner prune`` builds it.
@@ -224,7 +220,7 @@ class Objective:
         if config.allocation == PER_LAYER:
             clock = time.perf_counter()
             built = config.sources not in self._supernets
-            net = self.supernet_for(config.sources)
+            net = self.supernet_for(config)
             self.last_supernet_seconds = time.perf_counter() - clock if built else 0.0
             plan, refits = net.assemble(self.adapter, {i: (a, m) for i, a, m in config.counts}, self.head_mode)
             self.last_refit_seconds = time.perf_counter() - clock
