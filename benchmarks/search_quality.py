@@ -11,7 +11,8 @@ seeds, the change against the recipe, the geometric mean over FLAP's per seed (t
 and, per method, on how many seeds it beats random search over the same space (per-layer counts drawn
 at random after the same starts) on the validation objective and on the test geometric mean. FLAP,
 FLAP refitted (``prune --method flap-refit``) and structured OBS (``local-obs``) are reference rows: the
-strongest recipes here, the first two warm starts of the joint space.
+strongest recipes here, the first two warm starts of the joint space. ``uniform TPE`` is the search with
+``--uniform`` (one size for every layer: the stock architecture), what that constraint costs.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from adapruner.models.loading import load_model
 from adapruner.pruning.io import write_json_atomic
 from adapruner.search import SearchSpace, search
 
-METHODS = {  # name -> (space, sampler)
-    "random": ("joint", "random"),
-    "data-only": ("data", "tpe"),
-    "metric-only": ("metric", "tpe"),
-    "joint TPE": ("joint", "tpe"),
+METHODS = {  # name -> (space, sampler, uniform)
+    "random": ("joint", "random", False),
+    "data-only": ("data", "tpe", False),
+    "metric-only": ("metric", "tpe", False),
+    "joint TPE": ("joint", "tpe", False),
+    "uniform TPE": ("joint", "tpe", True),  # --uniform: every layer one size, the stock architecture
 }
 
 
@@ -56,14 +58,14 @@ def run_method(args, ratio: float, method: str, seed: int, run_dir: Path, tokens
     earlier = json.loads(done.read_text()) if done.is_file() else {}
     if earlier and finished == args.trials:
         return earlier
-    space_name, sampler = METHODS[method]
+    space_name, sampler, uniform = METHODS[method]
     started = time.perf_counter()
     result = search(
         args.model,
         ratio,
         trials=args.trials,
         output=run_dir,
-        space=SearchSpace(space=space_name),
+        space=SearchSpace(space=space_name, uniform=uniform),
         sampler=sampler,
         seed=seed,
         objective_tokens=args.objective_tokens,

@@ -128,3 +128,17 @@ def tiny_model_dir(tmp_path, monkeypatch):
     save_tiny(tmp_path / "tiny")
     write_corpus(tmp_path / "corpus.txt")
     return tmp_path
+
+
+def supernet_search_setup(root, **space_options):
+    """A corpus big enough for the supernet's refit windows, a small search space over it and the
+    search() keyword arguments that go with it: the per-layer (and uniform) stage tests share them."""
+    from adapruner.search import SearchSpace
+
+    corpus = root / "big.txt"
+    write_corpus(corpus, documents=300, words=200)
+    options = {"sources": [str(corpus)], "num_samples": [4, 10], "metrics": ["element1", "wifv"]}
+    options |= {"supernet_data": [str(corpus)], "refit_calibration": "64x32"}
+    space = SearchSpace(**(options | space_options))
+    kwargs = {"pool_per_source": 10, "objective_data": str(corpus), "objective_tokens": 512, "objective_seq_len": 16}
+    return corpus, space, kwargs

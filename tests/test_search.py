@@ -405,21 +405,10 @@ def test_per_layer_trials_assemble_supernet_candidates_meet_the_budget_and_prune
     from adapruner.data import token_stream
     from adapruner.evaluation import perplexity
     from adapruner.search.evolution import params_to_counts
-    from conftest import write_corpus
+    from conftest import supernet_search_setup
 
     root = tiny_model_dir
-    corpus = root / "big.txt"
-    write_corpus(corpus, documents=300, words=200)
-    space = SearchSpace(
-        sources=[str(corpus)],
-        num_samples=[4, 10],
-        metrics=["element1", "wifv"],
-        warm_starts=["flap"],
-        profile_trials=2,
-        supernet_data=[str(corpus)],
-        refit_calibration="64x32",
-    )
-    kwargs = {"pool_per_source": 10, "objective_data": str(corpus), "objective_tokens": 512, "objective_seq_len": 16}
+    corpus, space, kwargs = supernet_search_setup(root, warm_starts=["flap"], profile_trials=2)
     result = search(str(root / "tiny"), 0.2, trials=9, output=root / "run", space=space, pruner="none", **kwargs)
     study = optuna.load_study(study_name="adapruner", storage=f"sqlite:///{root / 'run' / 'study.db'}")
     per_layer = [t for t in study.trials if t.user_attrs.get("allocation") == "per-layer"]

@@ -39,6 +39,7 @@ from .pruning.plan import (
     rate_summary,
     solve_keep_counts,
 )
+from .pruning.stock import check_stock_possible, make_stock, output_kind
 from .util import log, versions
 
 
@@ -88,6 +89,9 @@ class PruneConfig:
     # model's inputs over ``refit_calibration`` windows of ``calibration``; adapruner.local.supernet)
     keep_counts: list[list[int]] | None = None
     max_removal: float = 0.9  # the supernet's deepest candidate (it decides OBS's removal order)
+    # every layer pruned to the same sizes and saved in the family's stock architecture (no remote code):
+    # the ranking is per layer, the layer range every layer, the depth profile flat (adapruner.pruning.stock)
+    uniform: bool = False
 
     @classmethod
     def from_method(cls, model: str, ratio: float, method: str | None = None, **options: Any) -> PruneConfig:
@@ -104,6 +108,32 @@ class PruneConfig:
         if self.refit == "lsq" or self.local_selection:
             return "lsq"
         return "bias" if self.refit == "bias" or self.compensate else "none"
+
+    @property
+    def output_bias(self) -> str | None:
+        """What gives o_proj/down_proj a bias in the output (None: nothing): ``--uniform`` must express it."""
+        if self.keep_counts is not None:
+            return "the supernet's least-squares refit"
+        if self.refit_mode == "bias":
+            return "bias compensation (--compensate / --refit bias)"
+        if self.refit_mode == "lsq" and self.refit_bias:
+            return "the least-squares refit (its bias)"
+        return None
+
+    def as_uniform(self, given: dict[str, Any]) -> PruneConfig:
+        """This recipe with every layer pruned alike (``--uniform``): a preset's cross-layer ranking becomes
+        ``layer`` (FLAP: its uniform UL-UM variant) and its layer range every layer. Options typed in
+        ``given`` that contradict it are one-line errors."""
+        if given.get("ranking") not in (None, "layer") or given.get("global_ranking"):
+            raise AdaPrunerError("--uniform prunes every layer alike: drop --ranking/--global-ranking")
+        if given.get("depth_slope") or given.get("depth_bend"):
+            raise AdaPrunerError("--uniform prunes every layer alike: drop --depth-slope/--depth-bend")
+        if self.keep_counts is not None and len({(a, m) for _, a, m in self.keep_counts}) > 1:
+            raise AdaPrunerError(
+                "--uniform: this search's best trial keeps different counts per layer; search with --uniform"
+            )
+        layers = given.get("layers") or ("0:" if self.keep_counts is None else None)
+        return replace(self, ranking="layer", global_ranking=False, layers=layers, depth_slope=0.0, depth_bend=0.0)
 
     @property
     def local_selection(self) -> bool:
@@ -435,6 +465,7 @@ def _options_from_run(run_dir: Path) -> tuple[float, dict[str, Any], dict[str, A
         if config.get("allocation") == "per-layer":
             options |= {"keep_counts": [list(c) for c in config["counts"]], "layers": None}
             options["max_removal"] = best["space"]["max_removal"]
+        options["uniform"] = bool(best.get("space", {}).get("uniform", False))
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise AdaPrunerError(f"{path} is corrupted ({exc}): run the search again") from None
     return float(best["ratio"]), options, {"pool": pool, "subset": best["best"]["subset"], "run": str(run_dir)}
@@ -462,10 +493,16 @@ def prune(
         if options.get("method") is not None:
             raise AdaPrunerError("--method and --from-run exclude each other: give one of them")
         ratio, run_options, searched = _options_from_run(Path(from_run))
+        if options.get("uniform") and not run_options["uniform"]:
+            raise AdaPrunerError(
+                f"--uniform: the search in {from_run} was not uniform: run `adapruner search --uniform` first"
+            )
         options = run_options | {k: v for k, v in options.items() if k == "dtype"}
     if ratio is None:
         raise AdaPrunerError("give --ratio (or --from-run RUN_DIR)")
     cfg = PruneConfig.from_method(model, ratio, **options)
+    if cfg.uniform:
+        cfg = cfg.as_uniform(options)
     cfg.validate()
     if output is not None:
         check_output_dir(Path(output), overwrite)
@@ -473,6 +510,8 @@ def prune(
     with _timed(timings, "load"):
         hf_model, tokenizer = load_model(model, cfg.dtype, device_map)
     dense_shapes = get_adapter(hf_model).layer_shapes()
+    if cfg.uniform:
+        _check_uniform(get_adapter(hf_model), cfg)
     samples = None
     if searched is not None and searched["subset"] is not None:  # None: the trial read no pool sample
         spec = searched["pool"]
@@ -490,6 +529,8 @@ def prune(
         plan = local.plan
     with _timed(timings, "prune"):
         prune_physically(get_adapter(hf_model), plan, input_means=info.get("input_means"))
+        if cfg.uniform:
+            make_stock(get_adapter(hf_model))
     pruned_params = count_params(hf_model)
     log(f"pruned: {rate_summary(plan, dense_shapes)}")
     record = {
@@ -513,6 +554,14 @@ def prune(
         with _timed(timings, "save"):
             result.output = save_pruned(hf_model, tokenizer, record, Path(output), overwrite)
     return result
+
+
+def _check_uniform(adapter: ModelAdapter, cfg: PruneConfig) -> None:
+    """Before any work: ``--uniform`` prunes every layer, and the output's biases fit the stock config."""
+    every = (0, adapter.num_layers)
+    if cfg.keep_counts is None and parse_layer_range(cfg.layers, adapter.num_layers) != every:
+        raise AdaPrunerError(f"--uniform prunes every layer alike: drop --layers (or give 0:{adapter.num_layers})")
+    check_stock_possible(adapter, cfg.output_bias is not None, cfg.output_bias or "")
 
 
 def score_importance(
@@ -679,5 +728,12 @@ def finetune(
 
 
 def info(directory: str | Path) -> dict:
-    """The record of a pruned model directory, without loading weights."""
-    return read_record(Path(directory))
+    """The record of a pruned model directory, without loading weights, with ``architecture``: ``stock``
+    (plain ``from_pretrained`` and serving engines load it) or ``per-layer`` (``trust_remote_code=True``)."""
+    record = read_record(Path(directory))
+    config = Path(directory) / "config.json"
+    try:
+        record["architecture"] = output_kind(json.loads(config.read_text()))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdaPrunerError(f"{config} is missing or corrupted ({exc}): prune the model again") from None
+    return record

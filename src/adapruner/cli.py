@@ -123,6 +123,15 @@ RefitDevice = Annotated[
 ]
 
 
+Uniform = Annotated[
+    bool,
+    typer.Option(
+        help="Prune every layer to the same heads and channels and save the stock architecture: plain "
+        "from_pretrained, vLLM, TGI and llama.cpp conversions load it (no trust_remote_code)."
+    ),
+]
+
+
 def _config_options(values: dict[str, Any]) -> dict[str, Any]:
     """The PruneConfig fields among a command's parameters (``--mix`` text parsed into weights)."""
     from .api import PruneConfig
@@ -186,6 +195,7 @@ def prune(
     refit_bias: RefitBias = True,
     obs_rounds: ObsRounds = 16,
     refit_device: RefitDevice = None,
+    uniform: Uniform = False,
     seed: Seed = 0,
     dtype: Dtype = "float32",
     device_map: DeviceMap = None,
@@ -284,6 +294,7 @@ def search(
     ] = "ppl",
     layers: Layers = None,
     head_mode: HeadMode = "auto",
+    uniform: Uniform = False,
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: sqlite in the run dir).")] = None,
     study: Annotated[str, typer.Option(help="Study name inside the storage.")] = "adapruner",
     seed: Seed = 0,
@@ -297,6 +308,7 @@ def search(
         "space": space,
         "sources": _split(sources) if sources else None,
         "metrics": _split(metrics) if metrics else None,
+        "uniform": uniform or None,
     }
     search_space = (
         load_space(config, **overrides)
@@ -536,7 +548,8 @@ def info(
     from . import api
 
     rec = api.info(directory)
-    summary = {k: rec[k] for k in ("source_model", "model_type", "target_ratio", "achieved_ratio", "params")}
+    keys = ("source_model", "model_type", "architecture", "target_ratio", "achieved_ratio", "params")
+    summary = {k: rec[k] for k in keys}
     summary["config"] = rec.get("config")
     local = rec.get("local")
     if local:  # what the layer-by-layer refit did (the error curves stay in adapruner.json)
@@ -572,6 +585,7 @@ def run_pipeline(
         bool | None, typer.Option("--baseline/--no-baseline", help="Also run LLM-Pruner's recipe for the table.")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Search seed.")] = None,
+    uniform: Uniform = False,
 ) -> None:
     """Search -> prune -> LoRA -> evaluate (dense, LLM-Pruner recipe, AdaPruner), with a report."""
     from .pipeline import load_run_config, run
@@ -586,6 +600,7 @@ def run_pipeline(
         limit=limit,
         baseline=baseline,
         seed=seed,
+        uniform=uniform or None,
     )
     if no_finetune:
         cfg.finetune_data = None

@@ -36,6 +36,7 @@ class RunConfig:
     sampler: str = "tpe"
     seed: int = 0
     search_space: dict[str, Any] = field(default_factory=dict)  # SearchSpace fields
+    uniform: bool = False  # every layer pruned alike: stock-architecture outputs (search and baseline)
     pool_per_source: int = DEFAULT_POOL_PER_SOURCE
     objective_data: str = "wiki,news,books,squad"  # validation text of the objective (sources or files)
     objective_tokens: int = 1024  # per objective source
@@ -55,12 +56,11 @@ class RunConfig:
     def validate(self) -> None:
         from .pruning.plan import Budget
         from .recovery.lora import FinetuneConfig
-        from .search.space import SearchSpace
 
         Budget(self.ratio)
         if self.trials < 1:
             raise AdaPrunerError(f"--trials {self.trials}: give at least 1")
-        SearchSpace(**self.search_space)
+        self.space()
         from .search.study import SCORES
 
         if self.objective not in SCORES:
@@ -73,6 +73,12 @@ class RunConfig:
             from .evaluation.zeroshot import check_request
 
             check_request(self.tasks, self.limit)
+
+    def space(self) -> Any:
+        """The SearchSpace: ``search_space`` fields, with ``uniform`` on if the run is uniform."""
+        from .search.space import SearchSpace
+
+        return SearchSpace(**(self.search_space | ({"uniform": True} if self.uniform else {})))
 
 
 def load_run_config(path: str | Path | None, **overrides: Any) -> RunConfig:
@@ -115,7 +121,7 @@ def run(cfg: RunConfig, output: str | Path) -> dict[str, Any]:
     """The whole AdaPruner pipeline into ``output``; returns the paths of the evaluation files."""
     from . import api
     from .recovery.lora import finetune
-    from .search import SearchSpace, search
+    from .search import search
 
     run_dir = Path(output)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +136,7 @@ def run(cfg: RunConfig, output: str | Path) -> dict[str, Any]:
             cfg.ratio,
             trials=cfg.trials,
             output=search_dir,
-            space=SearchSpace(**cfg.search_space),
+            space=cfg.space(),
             sampler=cfg.sampler,
             seed=cfg.seed,
             pool_per_source=cfg.pool_per_source,
@@ -154,6 +160,7 @@ def run(cfg: RunConfig, output: str | Path) -> dict[str, Any]:
                 dtype=cfg.dtype,
                 seed=cfg.seed,
                 calibration=cfg.baseline_calibration,
+                uniform=cfg.uniform,
                 **RECIPE,
             ),
         )

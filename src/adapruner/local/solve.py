@@ -19,6 +19,7 @@ cheapest first; the error after each batch is recorded (an error-vs-removed curv
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -78,7 +79,7 @@ class InputMoments:
 
     def check(self, name: str) -> None:
         """Refuse statistics that cannot give a sound refit: too few tokens, or inf/NaN inputs."""
-        if not bool(torch.isfinite(self.gram).all()):
+        if not all_finite(self.gram):
             raise AdaPrunerError(
                 f"the inputs of {name} overflowed (inf/NaN in its statistics): load the model in float32 or "
                 "bfloat16 (--dtype) instead of float16"
@@ -88,6 +89,12 @@ class InputMoments:
                 f"the refit of {name} saw {self.tokens} calibration tokens for {self.width} input features: "
                 f"give at least {self.width} (e.g. --refit-calibration 128x128)"
             )
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No inf/NaN in ``tensor``, read from its fp64 sum (inf and NaN propagate into it): ``isfinite`` would
+    form a full-size copy (``abs``), ~1 GB for a 7B model's MLP Gram matrix."""
+    return math.isfinite(float(tensor.sum(dtype=torch.float64)))
 
 
 @dataclass
@@ -114,7 +121,7 @@ def _damped_cholesky(matrix: torch.Tensor, damping: float, name: str) -> tuple[t
         shift = current * scale
         factor, info = torch.linalg.cholesky_ex(matrix)
         pivots = factor.diagonal().abs()
-        sound = int(info) == 0 and bool(torch.isfinite(factor).all())
+        sound = int(info) == 0 and all_finite(factor)
         if sound and float(pivots.min()) ** 2 >= MIN_PIVOT * float(pivots.max()) ** 2:
             return factor, current, shift
         del factor
@@ -154,43 +161,89 @@ def refit_columns(
     kept block is copied out, so the solve holds it and then two |K|×|K| matrices, never more.
     """
     gram, mean = moments.release(centred=with_bias)
-    return refit_on_gram(weight, bias, gram, mean, kept, damping, name)
+    parts = gram_parts(weight, gram, kept)
+    del gram  # the only reference (InputMoments.release): freed before the solve
+    return solve_refit(weight, bias, parts, mean, kept, damping, name)
 
 
-def refit_on_gram(
+ROWS_PER_SOLVE = 512  # rows of W multiplied by the Gram matrix at a time (bounds the fp64 temporary)
+
+
+@dataclass
+class GramParts:
+    """All a refit needs of the n×n Gram matrix ``A``: ``tr(W A Wᵀ)``, the kept block ``A_KK`` and the
+    kept-by-removed block ``A_KR``, so that ``A`` itself can be freed before the solve (on a 7B MLP the
+    peak is then ``A`` + ``A_KK`` + ``A_KR``, 1.75 GB, instead of also holding ``A_{K,:} Wᵀ``)."""
+
+    total: float
+    block: torch.Tensor | None  # A_KK, [|K|, |K|]
+    cross: torch.Tensor | None  # A_KR, [|K|, |R|]
+
+
+def gram_parts(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor) -> GramParts:
+    """The parts of a finalised fp64 Gram matrix a refit of ``weight`` on the columns ``kept`` reads
+    (``tr(W A Wᵀ)`` a few rows of ``W`` at a time: no fp64 copy of ``W`` nor of ``W A``)."""
+    kept = kept.to(gram.device)
+    total = 0.0
+    for start in range(0, weight.shape[0], ROWS_PER_SOLVE):
+        w = weight[start : start + ROWS_PER_SOLVE].detach().to(device=gram.device, dtype=torch.float64)
+        total += float(((w @ gram) * w).sum())
+    removed = _complement(kept, gram.shape[0])
+    rows = kept.unsqueeze(1)
+    return GramParts(total, gram[rows, kept], gram[rows, removed])  # no |K|×n intermediate
+
+
+def _complement(kept: torch.Tensor, size: int) -> torch.Tensor:
+    mask = torch.ones(size, dtype=torch.bool, device=kept.device)
+    mask[kept] = False
+    return mask.nonzero().squeeze(1)
+
+
+def solve_refit(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    gram: torch.Tensor,
+    parts: GramParts,
     mean: torch.Tensor | None,
     kept: torch.Tensor,
     damping: float,
     name: str = "a projection",
 ) -> Refit:
-    """:func:`refit_columns` on a finalised fp64 Gram matrix (centred when ``mean`` is given, which then
-    refits the bias). ``gram`` is consumed: pass the only reference (or a copy) so it is freed early."""
-    w = weight.detach().to(device=gram.device, dtype=torch.float64)
-    kept = kept.to(gram.device)
-    weighted = w @ gram  # W A, [out, n]
-    total = float((weighted * w).sum())  # tr(W A Wᵀ)
-    rhs = weighted[:, kept].T.contiguous()  # A_{K,:} Wᵀ (A is symmetric), [|K|, out]
-    del weighted
-    block = gram[kept.unsqueeze(1), kept]  # A_KK, without a |K|×n intermediate
-    del gram  # the only reference (InputMoments.release): freed here
-    factor, used, shift = _damped_cholesky(block, damping, name)
-    del block
-    new_kept = torch.cholesky_solve(rhs, factor).T  # [out, |K|]
+    """:func:`refit_columns` from the Gram matrix's parts (centred when ``mean`` is given, which then refits
+    the bias). ``parts`` is consumed: its blocks are freed as soon as they are used."""
+    device = parts.block.device
+    kept = kept.to(device)
+    removed = _complement(kept, weight.shape[1])
+    rhs = torch.empty(len(kept), weight.shape[0], dtype=torch.float64, device=device)  # A_{K,:} Wᵀ
+    for start in range(0, weight.shape[0], ROWS_PER_SOLVE):
+        w = weight[start : start + ROWS_PER_SOLVE].detach().to(device=device, dtype=torch.float64)
+        rhs[:, start : start + ROWS_PER_SOLVE] = parts.block @ w[:, kept].T + parts.cross @ w[:, removed].T
+    parts.cross = None
+    factor, used, shift = _damped_cholesky(parts.block, damping, name)
+    parts.block = None
+    # two triangular solves on L and Lᵀ (a view): cholesky_solve would copy the |K|×|K| factor
+    new_kept = torch.linalg.solve_triangular(factor, rhs, upper=False)
+    new_kept = torch.linalg.solve_triangular(factor.mT, new_kept, upper=True).T  # [out, |K|]
     del factor
     # error = tr(ΔW A ΔWᵀ) = tr(W A Wᵀ) - 2 tr(W'_K rhs) + tr(W'_K A_KK W'_Kᵀ), and W'_K (A_KK + shift·I) = rhsᵀ
-    error = total - float((new_kept * rhs.T).sum()) - shift * float(new_kept.pow(2).sum())
-    new = torch.zeros_like(w)
-    new[:, kept] = new_kept
-    new_bias = None if bias is None else bias.detach().to(torch.float64).to(w.device)
+    error = parts.total - float((new_kept * rhs.T).sum()) - shift * float(new_kept.pow(2).sum())
+    del rhs
+    new_bias = None if bias is None else bias.detach().to(device=device, dtype=torch.float64)
     if mean is not None:
-        offset = w @ mean - new_kept @ mean[kept]
+        offset = _times(weight, mean) - new_kept @ mean[kept]
         new_bias = offset if new_bias is None else new_bias + offset
-    _check_finite(new, new_bias, name)
-    weight_out = new.to(weight.dtype)
-    return Refit(weight_out, None if new_bias is None else new_bias.to(weight.dtype), used, max(error, 0.0) / total)
+    _check_finite(new_kept, new_bias, name)
+    new = torch.zeros(weight.shape, dtype=weight.dtype, device=device)
+    new[:, kept] = new_kept.to(weight.dtype)
+    return Refit(new, None if new_bias is None else new_bias.to(weight.dtype), used, max(error, 0.0) / parts.total)
+
+
+def _times(weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """``W v`` in fp64, a few rows of ``W`` at a time."""
+    rows = [
+        weight[start : start + ROWS_PER_SOLVE].detach().to(device=vector.device, dtype=torch.float64) @ vector
+        for start in range(0, weight.shape[0], ROWS_PER_SOLVE)
+    ]
+    return torch.cat(rows)
 
 
 def bias_compensation(
@@ -211,7 +264,7 @@ def bias_compensation(
 
 
 def _check_finite(weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> None:
-    if not bool(torch.isfinite(weight).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
+    if not all_finite(weight) or (bias is not None and not all_finite(bias)):
         raise AdaPrunerError(f"the refit of {name} produced inf/NaN weights: raise --refit-damping")
 
 
@@ -313,9 +366,10 @@ __all__ = [
     "Selection",
     "bias_compensation",
     "damped_inverse",
+    "gram_parts",
     "obs_select",
     "output_energy",
     "reconstruction_error",
     "refit_columns",
-    "refit_on_gram",
+    "solve_refit",
 ]

@@ -36,7 +36,7 @@ from ..paths import cache_dir
 from ..pruning.plan import PrunePlan, layer_plan
 from ..util import log, save_tensors_atomic
 from .engine import capture_inputs, input_moments, run_layer
-from .solve import Refit, obs_select, refit_on_gram
+from .solve import Refit, gram_parts, obs_select, solve_refit
 
 SUPERNET_VERSION = "1"
 MEMO_SIZE = 256  # refitted candidates kept in memory (a trial changes a few layers; the rest are hits)
@@ -75,8 +75,10 @@ class Candidates:
     def refit(self, weight: torch.Tensor, bias: torch.Tensor | None, keep: int, damping: float) -> Refit:
         kept_units = self.kept_units(keep)
         kept = torch.cat([torch.arange(u * self.unit_width, (u + 1) * self.unit_width) for u in kept_units])
-        gram = self.gram.double()  # a copy: the solve consumes its Gram matrix
-        return refit_on_gram(weight, bias, gram, self.mean.double(), kept, damping, self.name)
+        gram = self.gram.double()  # a copy, freed before the solve
+        parts = gram_parts(weight, gram, kept)
+        del gram
+        return solve_refit(weight, bias, parts, self.mean.double(), kept, damping, self.name)
 
 
 @dataclass

@@ -131,6 +131,24 @@ class AllocationBudget:
     def _move_heads(self, counts: Counts, layers: list[int], gap: float) -> bool:
         return any(self._step(counts, layer, "attn", -1 if gap > 0 else 1) for layer in layers)
 
+    def uniform_levels(self) -> list[Counts]:
+        """``--uniform``: allocations that give every layer the same (attention units, MLP channels), one per
+        attention level (most attention kept first), with the MLP count that comes closest to ``target``;
+        levels whose MLP count falls outside the limits are left out."""
+        kinds = set(self.limits.values())
+        if len(kinds) != 1:
+            raise AdaPrunerError("--uniform needs decoder layers of one size: this model's layers differ")
+        lim, layers = kinds.pop(), len(self.limits)
+        levels = []
+        for attn in range(lim.attn_dense, lim.attn_min - 1, -lim.attn_step):
+            attention_removed = layers * (lim.attn_dense - attn) * lim.attn_params
+            mlp = lim.mlp_dense - round((self.target - attention_removed) / (layers * lim.mlp_params))
+            if lim.mlp_min <= mlp <= lim.mlp_dense:
+                levels.append(dict.fromkeys(self.limits, (attn, mlp)))
+        if not levels:
+            raise AdaPrunerError("--uniform: no level of the supernet removes the ratio: raise its max_removal")
+        return levels
+
     def random(self, rng: random.Random) -> Counts:
         """Independent uniform keep counts per layer, then the MLP counts repaired to the budget."""
         counts: Counts = {}
@@ -183,9 +201,12 @@ class Proposer:
         starts: Callable[[optuna.Study], list[Counts]],
         seed: int,
         randomly: bool = False,
+        exact_starts: bool = False,
     ) -> None:
-        """``randomly``: after the starts, random allocations of the budget (random search's baseline)."""
+        """``randomly``: after the starts, random allocations of the budget (random search's baseline).
+        ``exact_starts``: the starts already meet the budget as they must (``--uniform``), no repair."""
         self.budget, self.starts, self.seed, self.randomly = budget, starts, seed, randomly
+        self.exact_starts = exact_starts
 
     def propose(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> tuple[dict[str, int], dict[str, Any]]:
         """Parameters for ``trial`` and what they came from (user attributes: ``start`` or ``parent``)."""
@@ -194,7 +215,8 @@ class Proposer:
         starts = self.starts(study)
         if len(earlier) < len(starts):
             index = len(earlier)
-            return counts_to_params(self.budget.repair(starts[index], rng)), {"start": index}
+            start = starts[index] if self.exact_starts else self.budget.repair(starts[index], rng)
+            return counts_to_params(start), {"start": index}
         if self.randomly:
             return counts_to_params(self.budget.random(rng)), {"random": True}
         done = [t for t in earlier if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
@@ -214,6 +236,9 @@ class AllocationSampler(optuna.samplers.BaseSampler):
 
     def __init__(self, base: optuna.samplers.BaseSampler, profile_trials: int) -> None:
         self.base, self.profile_trials = base, profile_trials
+        # how many per-layer trials follow the profile ones (None: all later trials; --uniform: one per
+        # level of the uniform allocation, after which the profile search goes on)
+        self.per_layer_trials: int | None = None
         self.proposer: Proposer | None = None  # set once the supernet's limits are known
         self._proposals: dict[int, tuple[dict[str, int], dict[str, Any]]] = {}
 
@@ -226,7 +251,8 @@ class AllocationSampler(optuna.samplers.BaseSampler):
 
     def sample_independent(self, study, trial, param_name, param_distribution) -> Any:
         if param_name == "allocation":  # the first profile_trials trials, then per-layer ones
-            return PER_LAYER if trial.number >= self.profile_trials else PROFILE
+            end = None if self.per_layer_trials is None else self.profile_trials + self.per_layer_trials
+            return PER_LAYER if self.profile_trials <= trial.number and (end is None or trial.number < end) else PROFILE
         if not is_allocation_param(param_name):
             return self.base.sample_independent(study, trial, param_name, param_distribution)
         return self.proposal(study, trial)[0][param_name]

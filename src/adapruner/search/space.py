@@ -90,11 +90,23 @@ class SearchSpace:
     max_removal: float = 0.9  # the deepest per-layer candidate removes this fraction of a layer's units
     mlp_levels: int = 32  # a mutation moves dense/mlp_levels MLP channels (attention: one unit per KV group)
     space: str = "joint"
+    # every layer pruned to one size, so the output is the stock architecture (adapruner.pruning.stock): the
+    # allocation keeps only the attention share (per-layer ranking, every layer, flat depth profile)
+    uniform: bool = False
 
     def __post_init__(self) -> None:
         for name in RANGES:
             setattr(self, name, tuple(getattr(self, name)))
+        if self.uniform:
+            self._make_uniform()
         self._check()
+
+    def _make_uniform(self) -> None:
+        """``--uniform`` fixes what would give layers different sizes (whatever a space file says); its
+        per-layer stage tries the supernet's candidates at one size for every layer (one trial per attention
+        level), then the profile search goes on."""
+        self.rankings, self.layer_ranges = ["layer"], [EVERY_LAYER]
+        self.depth_slope, self.depth_bend = (0.0, 0.0), (0.0, 0.0)
 
     def _check(self) -> None:
         from ..importance import AGGREGATIONS, METRICS
@@ -120,12 +132,13 @@ class SearchSpace:
                 f"aggregations {', '.join(AGGREGATIONS)}"
             )
         self._check_structure()
+        baseline = baseline_config(self)
         for name, value in (
-            ("num_samples", BASELINE.num_samples),
-            ("seq_lens", BASELINE.seq_len),
-            ("rankings", BASELINE.ranking),
-            ("compensate", BASELINE.compensate),
-            ("layer_ranges", BASELINE.layers),
+            ("num_samples", baseline.num_samples),
+            ("seq_lens", baseline.seq_len),
+            ("rankings", baseline.ranking),
+            ("compensate", baseline.compensate),
+            ("layer_ranges", baseline.layers),
         ):
             if value not in getattr(self, name):
                 raise AdaPrunerError(
@@ -217,6 +230,14 @@ BASELINE = TrialConfig(
 )
 
 
+EVERY_LAYER = "0:"
+
+
+def baseline_config(space: SearchSpace) -> TrialConfig:
+    """LLM-Pruner's recipe in ``space``: its own layer range, or every layer in a ``--uniform`` space."""
+    return TrialConfig(**(BASELINE.to_dict() | {"layers": EVERY_LAYER})) if space.uniform else BASELINE
+
+
 def baseline_params(space: SearchSpace) -> dict[str, Any]:
     """Optuna parameters of LLM-Pruner's recipe (element1, sum, 10 books samples), for trial 0."""
     params: dict[str, Any] = {}
@@ -225,7 +246,7 @@ def baseline_params(space: SearchSpace) -> dict[str, Any]:
         params |= {"num_samples": 10, "seq_len": 64, "window_stat": "none", "subset_seed": 0}
     if space.space != "data":
         params |= {"metric": "element1", "aggregation": "sum", "attention_scale": 1.0, "ranking": "layer"}
-        params |= {"depth_slope": 0.0, "depth_bend": 0.0, "compensate": False, "layers": DEFAULT_LAYERS}
+        params |= {"depth_slope": 0.0, "depth_bend": 0.0, "compensate": False, "layers": baseline_config(space).layers}
         params["refit"] = "none"
         if space.separate_attention_metric:
             params["attention_metric"] = "same"
@@ -252,12 +273,12 @@ def warm_start_params(space: SearchSpace, name: str, max_samples: int | None = N
     refit = name == "flap-refit"
     if refit and "lsq" not in space.refits:
         return None
-    every_layer = next((r for r in space.layer_ranges if r.replace(" ", "") == "0:"), None)
-    if "wifv" not in space.metrics or "global-all" not in space.rankings or True not in space.compensate:
+    every_layer = next((r for r in space.layer_ranges if r.replace(" ", "") == EVERY_LAYER), None)
+    # a --uniform space ranks within each layer: FLAP's uniform variant (UL-UM) instead of its AL-AM
+    ranking = "global-all" if "global-all" in space.rankings else ("layer" if space.uniform else None)
+    if "wifv" not in space.metrics or ranking is None or True not in space.compensate or every_layer is None:
         return None
-    if every_layer is None:
-        return None
-    params = {"metric": "wifv", "attention_scale": 1.0, "ranking": "global-all"}  # wifv has no aggregation
+    params = {"metric": "wifv", "attention_scale": 1.0, "ranking": ranking}  # wifv has no aggregation
     params |= {"depth_slope": 0.0, "depth_bend": 0.0, "layers": every_layer}
     params |= {"refit": "lsq"} if refit else {"refit": "none", "compensate": True}
     if space.separate_attention_metric:
@@ -302,8 +323,8 @@ def suggest(trial: optuna.Trial, space: SearchSpace, dense: list[tuple[int, int]
             attn = trial.suggest_int(f"{ATTENTION_PARAM}{layer}", 1, units)
             counts.append((layer, attn, trial.suggest_int(f"{MLP_PARAM}{layer}", 1, channels)))
         fields = {"metric": "obs", "refit": "lsq", "allocation": PER_LAYER, "counts": tuple(counts)}
-        return TrialConfig(**(BASELINE.to_dict() | fields | {"sources": tuple(split_sources(data))}))
-    config = BASELINE.to_dict() | (_suggest_metric(trial, space) if space.space != "data" else {})
+        return TrialConfig(**(baseline_config(space).to_dict() | fields | {"sources": tuple(split_sources(data))}))
+    config = baseline_config(space).to_dict() | (_suggest_metric(trial, space) if space.space != "data" else {})
     if space.space != "metric":
         config |= _suggest_data(trial, space, *_reads(config), refit=config["refit"] != "none")
     return TrialConfig(**config)

@@ -49,6 +49,8 @@ from ..models.loading import load_model
 from ..pruning import Budget, masked
 from ..pruning.io import write_csv_atomic, write_json_atomic
 from ..pruning.plan import parse_layer_range
+from ..pruning.stock import can_hold_output_biases
+from ..util import log
 from .evolution import PER_LAYER, AllocationBudget, AllocationSampler, Counts, LayerLimits, Proposer
 from .report import write_report
 from .space import (
@@ -84,9 +86,15 @@ def _sampler(name: str, seed: int | None, space: SearchSpace | None = None) -> o
     return base
 
 
+# SearchSpace fields added after studies existed: at these defaults they leave the fingerprint as it was,
+# so a study made before the field continues (with another value it is another space)
+LATER_FIELDS = {"uniform": False}
+
+
 def space_fingerprint(space: SearchSpace) -> str:
     """A short hash of the search space: a study continued with another space is refused."""
-    text = json.dumps(asdict(space), sort_keys=True, default=str)
+    fields = {k: v for k, v in asdict(space).items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
+    text = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -608,6 +616,8 @@ def search(
     with ``objective="kl"`` the mean KL divergence from the dense model on the same windows.
     """
     space = space or SearchSpace()
+    if layers is not None and space.uniform:
+        raise AdaPrunerError("--uniform prunes every layer alike: drop --layers")
     if layers is not None:  # --layers fixes the range: "default" is that range, and the only one searched
         space = replace(space, layer_ranges=[DEFAULT_LAYERS])
     Budget(ratio)
@@ -626,6 +636,12 @@ def search(
     shared = _connect(storage) if storage is not None else None  # before the (slow) model load
     hf_model, tokenizer = load_model(model, dtype)
     adapter = get_adapter(hf_model)
+    if space.uniform and not can_hold_output_biases(adapter) and (True in space.compensate or "lsq" in space.refits):
+        log(
+            f"--uniform: {adapter.config.model_type}'s stock architecture has no o_proj/down_proj bias, so the "
+            "search leaves out bias compensation, the least-squares refit and the supernet's candidates"
+        )
+        space = replace(space, compensate=[False], refits=["none"], allocations=["profile"])
     ranges = resolve_layer_ranges(space, adapter.num_layers, layers)
     pool = build_pool(tokenizer, space.sources, pool_per_source, pool_seq_len, seed)
     covered = (min(r[0] for r in ranges.values()), max(r[1] for r in ranges.values()))
@@ -672,7 +688,11 @@ def search(
     study.pruner = _pruner(pruner)
     if shared is None and study.trials:
         study.sampler = _sampler(sampler, resumed_seed(seed, len(study.trials)), space)
-    if budget is not None:
+    if budget is not None and space.uniform:  # one trial per attention level, every layer alike
+        levels = budget.uniform_levels()
+        study.sampler.per_layer_trials = len(levels)
+        study.sampler.proposer = Proposer(budget, lambda _study: levels, seed, exact_starts=True)
+    elif budget is not None:
         start_counts = allocation_starts(objective, ratio, head_mode)
         study.sampler.proposer = Proposer(budget, start_counts, seed, randomly=sampler == "random")
     if shared is None:
