@@ -12,7 +12,8 @@ and, per method, on how many seeds it beats random search over the same space (p
 at random after the same starts) on the validation objective and on the test geometric mean. FLAP,
 FLAP refitted (``prune --method flap-refit``) and structured OBS (``local-obs``) are reference rows: the
 strongest recipes here, the first two warm starts of the joint space. ``uniform TPE`` is the search with
-``--uniform`` (one size for every layer: the stock architecture), what that constraint costs.
+``--uniform`` (one size for every layer: the stock architecture), what that constraint costs;
+``joint TPE c2f`` the search with coarse-to-fine per-layer moves (``coarse_to_fine: 4``).
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from adapruner.models.loading import load_model
 from adapruner.pruning.io import write_json_atomic
 from adapruner.search import SearchSpace, search
 
-METHODS = {  # name -> (space, sampler, uniform)
-    "random": ("joint", "random", False),
-    "data-only": ("data", "tpe", False),
-    "metric-only": ("metric", "tpe", False),
-    "joint TPE": ("joint", "tpe", False),
-    "uniform TPE": ("joint", "tpe", True),  # --uniform: every layer one size, the stock architecture
+METHODS = {  # name -> (sampler, SearchSpace options)
+    "random": ("random", {}),
+    "data-only": ("tpe", {"space": "data"}),
+    "metric-only": ("tpe", {"space": "metric"}),
+    "joint TPE": ("tpe", {}),
+    "uniform TPE": ("tpe", {"uniform": True}),  # --uniform: every layer one size, the stock architecture
+    "joint TPE c2f": ("tpe", {"coarse_to_fine": 4}),  # per-layer moves of 4, 2, then 1 MLP levels
 }
 
 
@@ -58,14 +60,14 @@ def run_method(args, ratio: float, method: str, seed: int, run_dir: Path, tokens
     earlier = json.loads(done.read_text()) if done.is_file() else {}
     if earlier and finished == args.trials:
         return earlier
-    space_name, sampler, uniform = METHODS[method]
+    sampler, options = METHODS[method]
     started = time.perf_counter()
     result = search(
         args.model,
         ratio,
         trials=args.trials,
         output=run_dir,
-        space=SearchSpace(space=space_name, uniform=uniform),
+        space=SearchSpace(**options),
         sampler=sampler,
         seed=seed,
         objective_tokens=args.objective_tokens,

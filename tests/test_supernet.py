@@ -106,6 +106,24 @@ def test_mutations_and_random_allocations_keep_the_budget_within_one_channel(rat
     assert params_to_counts({"attn_0": 2, "mlp_0": 7, "allocation": "per-layer"}) == {0: (2, 7)}
 
 
+def test_coarse_to_fine_moves_more_channels_early_and_one_level_late():
+    from adapruner.search.evolution import Proposer
+
+    model = make_tiny("qwen2-gqa", layers=6)
+    budget = allocation_budget(model, 0.3, SearchSpace(max_removal=0.9, mlp_levels=40), "auto")  # 1 channel/level
+    proposer = Proposer(budget, lambda _study: [], seed=0, coarse=4, trials=30)
+    assert [proposer.scale(n) for n in (0, 9, 10, 19, 20, 29)] == [4, 4, 2, 2, 1, 1]
+    assert Proposer(budget, lambda _study: [], seed=0).scale(0) == 1
+    rng = random.Random(0)
+    parent = budget.random(rng)
+    for scale in (1, 4):
+        counts = dict(parent)
+        assert budget._step(counts, 2, "mlp", +1, scale) or budget._step(counts, 2, "mlp", -1, scale)
+        assert abs(counts[2][1] - parent[2][1]) == scale * budget.mlp_step(2)
+        child = budget.mutate(parent, rng, scale)  # still within one channel of the budget
+        assert abs(budget.removed(child) - budget.target) <= max(lim.mlp_params for lim in budget.limits.values())
+
+
 def test_a_level_grid_that_cannot_reach_the_ratio_is_refused():
     model = make_tiny("llama-mha")
     with pytest.raises(AdaPrunerError, match=r"cannot reach ratio 0.6.*max_removal"):

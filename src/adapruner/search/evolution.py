@@ -160,8 +160,9 @@ class AllocationBudget:
             )
         return self.repair(counts, rng)
 
-    def mutate(self, parent: Counts, rng: random.Random) -> Counts:
-        """A few budget-preserving moves: one layer pruned one step more, another one step less."""
+    def mutate(self, parent: Counts, rng: random.Random, scale: int = 1) -> Counts:
+        """A few budget-preserving moves: one layer pruned one step more, another one step less (MLP steps
+        of ``scale`` levels: coarse to fine)."""
         child = dict(parent)
         moves = rng.choice((1, 1, 2, 3))
         layers = list(self.limits)
@@ -172,12 +173,12 @@ class AllocationBudget:
                     0
                 ]
                 trial = dict(child)
-                if self._step(trial, more, kinds[0], -1) and self._step(trial, less, kinds[1], +1):
+                if self._step(trial, more, kinds[0], -1, scale) and self._step(trial, less, kinds[1], +1, scale):
                     child = trial
                     break
         return self.repair(child, rng)
 
-    def _step(self, counts: Counts, layer: int, kind: str, sign: int) -> bool:
+    def _step(self, counts: Counts, layer: int, kind: str, sign: int, scale: int = 1) -> bool:
         lim, (attn, mlp) = self.limits[layer], counts[layer]
         if kind == "attn":
             new = attn + sign * lim.attn_step
@@ -185,7 +186,7 @@ class AllocationBudget:
                 return False
             counts[layer] = (new, mlp)
         else:
-            new = mlp + sign * self.mlp_step(layer)
+            new = mlp + sign * scale * self.mlp_step(layer)
             if not lim.mlp_min <= new <= lim.mlp_dense:
                 return False
             counts[layer] = (attn, new)
@@ -202,11 +203,21 @@ class Proposer:
         seed: int,
         randomly: bool = False,
         exact_starts: bool = False,
+        coarse: int = 1,
+        trials: int | None = None,
     ) -> None:
         """``randomly``: after the starts, random allocations of the budget (random search's baseline).
-        ``exact_starts``: the starts already meet the budget as they must (``--uniform``), no repair."""
+        ``exact_starts``: the starts already meet the budget as they must (``--uniform``), no repair.
+        ``coarse``: coarse to fine (Týr-the-Pruner): MLP moves of ``coarse`` levels over the first third of
+        the ``trials`` per-layer trials, half as many over the second, one level over the last."""
         self.budget, self.starts, self.seed, self.randomly = budget, starts, seed, randomly
-        self.exact_starts = exact_starts
+        self.exact_starts, self.coarse, self.trials = exact_starts, coarse, trials
+
+    def scale(self, done: int) -> int:
+        """MLP levels per move after ``done`` per-layer trials (1 without coarse to fine)."""
+        if self.coarse <= 1 or not self.trials:
+            return 1
+        return max(1, self.coarse >> min(int(3 * done / self.trials), 2))
 
     def propose(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> tuple[dict[str, int], dict[str, Any]]:
         """Parameters for ``trial`` and what they came from (user attributes: ``start`` or ``parent``)."""
@@ -223,7 +234,7 @@ class Proposer:
         if not done:  # the starts are still running elsewhere, or failed: mutate the first start
             return counts_to_params(self.budget.mutate(self.budget.repair(starts[0], rng), rng)), {"start": 0}
         parent = min(done, key=lambda t: t.value)
-        child = self.budget.mutate(params_to_counts(parent.params), rng)
+        child = self.budget.mutate(params_to_counts(parent.params), rng, self.scale(len(earlier)))
         return counts_to_params(child), {"parent": parent.number}
 
 

@@ -89,6 +89,9 @@ class SearchSpace:
     supernet_data: list[str] = field(default_factory=lambda: ["wiki,news,squad"])
     max_removal: float = 0.9  # the deepest per-layer candidate removes this fraction of a layer's units
     mlp_levels: int = 32  # a mutation moves dense/mlp_levels MLP channels (attention: one unit per KV group)
+    # coarse to fine (Týr-the-Pruner): MLP moves of this many levels over the first third of the per-layer
+    # trials, half as many over the second third, one level over the last (1: one level throughout)
+    coarse_to_fine: int = 1
     space: str = "joint"
     # every layer pruned to one size, so the output is the stock architecture (adapruner.pruning.stock): the
     # allocation keeps only the attention share (per-layer ranking, every layer, flat depth profile)
@@ -184,8 +187,10 @@ class SearchSpace:
                 f"the search space's allocations {self.allocations} must list 'profile' (trial 0) and optionally "
                 "'per-layer'"
             )
-        if self.profile_trials < 1 or self.mlp_levels < 1 or not 0.0 < self.max_removal < 1.0:
-            raise AdaPrunerError("profile_trials and mlp_levels must be >= 1 and max_removal inside (0, 1)")
+        if min(self.profile_trials, self.mlp_levels, self.coarse_to_fine) < 1 or not 0.0 < self.max_removal < 1.0:
+            raise AdaPrunerError(
+                "profile_trials, mlp_levels and coarse_to_fine must be >= 1 and max_removal inside (0, 1)"
+            )
         if not self.supernet_data or not all(isinstance(d, str) and d.strip(",") for d in self.supernet_data):
             raise AdaPrunerError("the search space's supernet_data must list source specs, e.g. ['wiki,news,squad']")
 

@@ -88,7 +88,7 @@ def _sampler(name: str, seed: int | None, space: SearchSpace | None = None) -> o
 
 # SearchSpace fields added after studies existed: at these defaults they leave the fingerprint as it was,
 # so a study made before the field continues (with another value it is another space)
-LATER_FIELDS = {"uniform": False}
+LATER_FIELDS = {"uniform": False, "coarse_to_fine": 1}
 
 
 def space_fingerprint(space: SearchSpace) -> str:
@@ -694,7 +694,14 @@ def search(
         study.sampler.proposer = Proposer(budget, lambda _study: levels, seed, exact_starts=True)
     elif budget is not None:
         start_counts = allocation_starts(objective, ratio, head_mode)
-        study.sampler.proposer = Proposer(budget, start_counts, seed, randomly=sampler == "random")
+        study.sampler.proposer = Proposer(
+            budget,
+            start_counts,
+            seed,
+            randomly=sampler == "random",
+            coarse=space.coarse_to_fine,
+            trials=max(trials - space.profile_trials, 1),
+        )
     if shared is None:
         _retry_interrupted(study)
     counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # failed trials are retried
