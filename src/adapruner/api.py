@@ -561,7 +561,7 @@ def _check_uniform(adapter: ModelAdapter, cfg: PruneConfig) -> None:
     every = (0, adapter.num_layers)
     if cfg.keep_counts is None and parse_layer_range(cfg.layers, adapter.num_layers) != every:
         raise AdaPrunerError(f"--uniform prunes every layer alike: drop --layers (or give 0:{adapter.num_layers})")
-    check_stock_possible(adapter, cfg.output_bias is not None, cfg.output_bias or "")
+    check_stock_possible(adapter, cfg.output_bias)
 
 
 def score_importance(

@@ -20,6 +20,7 @@ cheapest first; the error after each batch is recorded (an error-vs-removed curv
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -180,14 +181,18 @@ class GramParts:
     cross: torch.Tensor | None  # A_KR, [|K|, |R|]
 
 
+def _fp64_rows(weight: torch.Tensor, device: torch.device) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``weight`` in fp64 on ``device``, ``ROWS_PER_SOLVE`` rows at a time (never a full fp64 copy)."""
+    for start in range(0, weight.shape[0], ROWS_PER_SOLVE):
+        rows = slice(start, start + ROWS_PER_SOLVE)
+        yield rows, weight[rows].detach().to(device=device, dtype=torch.float64)
+
+
 def gram_parts(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor) -> GramParts:
     """The parts of a finalised fp64 Gram matrix a refit of ``weight`` on the columns ``kept`` reads
     (``tr(W A Wᵀ)`` a few rows of ``W`` at a time: no fp64 copy of ``W`` nor of ``W A``)."""
     kept = kept.to(gram.device)
-    total = 0.0
-    for start in range(0, weight.shape[0], ROWS_PER_SOLVE):
-        w = weight[start : start + ROWS_PER_SOLVE].detach().to(device=gram.device, dtype=torch.float64)
-        total += float(((w @ gram) * w).sum())
+    total = sum(float(((w @ gram) * w).sum()) for _, w in _fp64_rows(weight, gram.device))
     removed = _complement(kept, gram.shape[0])
     rows = kept.unsqueeze(1)
     return GramParts(total, gram[rows, kept], gram[rows, removed])  # no |K|×n intermediate
@@ -214,9 +219,8 @@ def solve_refit(
     kept = kept.to(device)
     removed = _complement(kept, weight.shape[1])
     rhs = torch.empty(len(kept), weight.shape[0], dtype=torch.float64, device=device)  # A_{K,:} Wᵀ
-    for start in range(0, weight.shape[0], ROWS_PER_SOLVE):
-        w = weight[start : start + ROWS_PER_SOLVE].detach().to(device=device, dtype=torch.float64)
-        rhs[:, start : start + ROWS_PER_SOLVE] = parts.block @ w[:, kept].T + parts.cross @ w[:, removed].T
+    for rows, w in _fp64_rows(weight, device):
+        rhs[:, rows] = parts.block @ w[:, kept].T + parts.cross @ w[:, removed].T
     parts.cross = None
     factor, used, shift = _damped_cholesky(parts.block, damping, name)
     parts.block = None
@@ -229,21 +233,12 @@ def solve_refit(
     del rhs
     new_bias = None if bias is None else bias.detach().to(device=device, dtype=torch.float64)
     if mean is not None:
-        offset = _times(weight, mean) - new_kept @ mean[kept]
+        offset = torch.cat([w @ mean for _, w in _fp64_rows(weight, device)]) - new_kept @ mean[kept]
         new_bias = offset if new_bias is None else new_bias + offset
     _check_finite(new_kept, new_bias, name)
     new = torch.zeros(weight.shape, dtype=weight.dtype, device=device)
     new[:, kept] = new_kept.to(weight.dtype)
     return Refit(new, None if new_bias is None else new_bias.to(weight.dtype), used, max(error, 0.0) / parts.total)
-
-
-def _times(weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    """``W v`` in fp64, a few rows of ``W`` at a time."""
-    rows = [
-        weight[start : start + ROWS_PER_SOLVE].detach().to(device=vector.device, dtype=torch.float64) @ vector
-        for start in range(0, weight.shape[0], ROWS_PER_SOLVE)
-    ]
-    return torch.cat(rows)
 
 
 def bias_compensation(

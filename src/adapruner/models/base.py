@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from ..errors import AdaPrunerError
@@ -77,6 +78,11 @@ class ModelAdapter:
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.model.layers
+
+    def stock_layer(self, config) -> nn.Module:
+        """The decoder layer the family's own class builds from ``config``, on the meta device (no memory)."""
+        with torch.device("meta"):
+            return type(self.decoder_layers()[0])(config, 0)
 
     def layer_name(self, index: int) -> str:
         return f"model.layers.{index}"

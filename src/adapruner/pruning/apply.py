@@ -178,8 +178,7 @@ def _config_biases(adapter: ModelAdapter) -> tuple[bool, bool]:
     """
     config = adapter.config
     try:
-        with torch.device("meta"):
-            layer = type(adapter.decoder_layers()[0])(config, 0)
+        layer = adapter.stock_layer(config)
         return layer.self_attn.o_proj.bias is not None, layer.mlp.down_proj.bias is not None
     except Exception:  # an unexpected layer signature: fall back to LLaMA's config names
         return bool(getattr(config, "attention_bias", False)), bool(getattr(config, "mlp_bias", False))

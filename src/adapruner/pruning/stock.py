@@ -23,12 +23,6 @@ from .apply import record_shapes_in_config
 BIAS_FLAGS = {"attention_bias": "o_proj", "mlp_bias": "down_proj"}
 
 
-def stock_layer(adapter: ModelAdapter, config) -> nn.Module:
-    """The decoder layer the family's own class builds from ``config``, on the meta device (no memory)."""
-    with torch.device("meta"):
-        return type(adapter.decoder_layers()[0])(config, 0)
-
-
 def _output_biases(layer: nn.Module) -> dict[str, bool]:
     return {"o_proj": layer.self_attn.o_proj.bias is not None, "down_proj": layer.mlp.down_proj.bias is not None}
 
@@ -38,10 +32,10 @@ def can_hold_output_biases(adapter: ModelAdapter) -> bool:
     return _flags_for(adapter, {"o_proj", "down_proj"}) is not None
 
 
-def check_stock_possible(adapter: ModelAdapter, output_bias: bool, why: str) -> None:
-    """Refuse ``--uniform`` before any work where the output needs o_proj/down_proj biases (``output_bias``,
-    because of ``why``) that the family's config cannot build."""
-    if not output_bias or can_hold_output_biases(adapter):
+def check_stock_possible(adapter: ModelAdapter, why: str | None) -> None:
+    """Refuse ``--uniform`` before any work where the output needs o_proj/down_proj biases (because of
+    ``why``; None: it needs none) that the family's config cannot build."""
+    if why is None or can_hold_output_biases(adapter):
         return
     raise AdaPrunerError(
         f"--uniform: {adapter.config.model_type}'s stock architecture has no o_proj/down_proj bias, which {why} "
@@ -55,7 +49,7 @@ def _flags_for(adapter: ModelAdapter, projections: set[str]) -> dict[str, bool] 
     flags = {flag: True for flag, projection in BIAS_FLAGS.items() if projection in projections}
     for flag in flags:
         setattr(config, flag, True)
-    built = _output_biases(stock_layer(adapter, config))
+    built = _output_biases(adapter.stock_layer(config))
     return flags if all(built[p] for p in projections) else None
 
 
@@ -68,7 +62,7 @@ def make_stock(adapter: ModelAdapter) -> None:
         raise AdaPrunerError("--uniform: the pruned layers differ in size, so no stock config describes them")
     layers = [adapter.layer(i) for i in range(adapter.num_layers)]
     present = {p for m in layers for p in ("o_proj", "down_proj") if getattr(m, p).bias is not None}
-    stock = _output_biases(stock_layer(adapter, adapter.config))
+    stock = _output_biases(adapter.stock_layer(adapter.config))
     missing = {p for p in present if not stock[p]}
     if missing:
         flags = _flags_for(adapter, missing)
@@ -79,7 +73,7 @@ def make_stock(adapter: ModelAdapter) -> None:
             )
         for flag, value in flags.items():
             setattr(adapter.config, flag, value)
-    twin = stock_layer(adapter, adapter.config)
+    twin = adapter.stock_layer(adapter.config)
     for block in adapter.decoder_layers():
         _add_zero_biases(block, twin)
     record_shapes_in_config(adapter)
@@ -104,7 +98,7 @@ def _add_zero_biases(block: nn.Module, twin: nn.Module) -> None:
 
 def _check_like_stock(adapter: ModelAdapter) -> None:
     """Every decoder layer holds exactly the parameters (names and shapes) the stock config builds."""
-    expected = {n: tuple(p.shape) for n, p in stock_layer(adapter, adapter.config).named_parameters()}
+    expected = {n: tuple(p.shape) for n, p in adapter.stock_layer(adapter.config).named_parameters()}
     for index, block in enumerate(adapter.decoder_layers()):
         found = {n: tuple(p.shape) for n, p in block.named_parameters()}
         if found != expected:
