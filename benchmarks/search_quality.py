@@ -13,7 +13,8 @@ at random after the same starts) on the validation objective and on the test geo
 FLAP refitted (``prune --method flap-refit``) and structured OBS (``local-obs``) are reference rows: the
 strongest recipes here, the first two warm starts of the joint space. ``uniform TPE`` is the search with
 ``--uniform`` (one size for every layer: the stock architecture), what that constraint costs;
-``joint TPE c2f`` the search with coarse-to-fine per-layer moves (``coarse_to_fine: 4``).
+``joint TPE one-level`` the search with one-level per-layer moves throughout (``coarse_to_fine: 1``, the
+default before 2026-12-03), what coarse-to-fine moves (the default, 4) gain.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ METHODS = {  # name -> (sampler, SearchSpace options)
     "metric-only": ("tpe", {"space": "metric"}),
     "joint TPE": ("tpe", {}),
     "uniform TPE": ("tpe", {"uniform": True}),  # --uniform: every layer one size, the stock architecture
-    "joint TPE c2f": ("tpe", {"coarse_to_fine": 4}),  # per-layer moves of 4, 2, then 1 MLP levels
+    "joint TPE one-level": ("tpe", {"coarse_to_fine": 1}),  # one MLP level per move, not 4, 2, then 1
 }
 
 

@@ -86,8 +86,9 @@ def _sampler(name: str, seed: int | None, space: SearchSpace | None = None) -> o
     return base
 
 
-# SearchSpace fields added after studies existed: at these defaults they leave the fingerprint as it was,
-# so a study made before the field continues (with another value it is another space)
+# SearchSpace fields added after studies existed, with the value those studies ran with: at that value a
+# field leaves the fingerprint as it was, so such a study continues (the default coarse_to_fine became 4
+# after studies ran with 1: continue one of those with `coarse_to_fine: 1` in the space config)
 LATER_FIELDS = {"uniform": False, "coarse_to_fine": 1}
 
 
