@@ -75,7 +75,27 @@ def test_study_of_another_ratio_is_refused(tiny_model_dir):
     corpus = str(root / "corpus.txt")
     changed = SearchSpace(sources=[corpus], num_samples=[4, 10], metrics=["element1", "vector"], mlp_levels=16)
     kwargs = {"layers": "1:3", "pool_per_source": 10, "objective_data": corpus, "objective_tokens": 512}
-    with pytest.raises(AdaPrunerError, match=r"another setting \(search_space: \w+ != \w+\)"):  # the space changed
+    with pytest.raises(AdaPrunerError, match=r"another setting \(search_space: \w+ != \w+, search space: ") as err:
+        search(str(root / "tiny"), 0.15, trials=2, output=root / "run", space=changed, objective_seq_len=16, **kwargs)
+    assert "mlp_levels 32 -> 16" in str(err.value)  # the refusal names the changed fields
+    assert "profile_trials" not in str(err.value)  # and only those
+
+
+def test_study_made_before_the_space_was_recorded_gets_the_likely_fix(tiny_model_dir):
+    """Studies of versions before 2026-12-03 hold only the space's hash: the refusal names coarse_to_fine."""
+    import optuna
+
+    from adapruner.search.study import SPACE_FIELDS_ATTR
+
+    root = tiny_model_dir
+    run_search(root, trials=1)
+    storage = f"sqlite:///{root / 'run' / 'study.db'}"
+    study = optuna.load_study(study_name="adapruner", storage=storage)
+    study._storage.set_study_user_attr(study._study_id, SPACE_FIELDS_ATTR, "")  # as an older version left it
+    corpus = str(root / "corpus.txt")
+    changed = SearchSpace(sources=[corpus], num_samples=[4, 10], metrics=["element1", "vector"], mlp_levels=16)
+    kwargs = {"layers": "1:3", "pool_per_source": 10, "objective_data": corpus, "objective_tokens": 512}
+    with pytest.raises(AdaPrunerError, match="coarse_to_fine: 1"):
         search(str(root / "tiny"), 0.15, trials=2, output=root / "run", space=changed, objective_seq_len=16, **kwargs)
 
 

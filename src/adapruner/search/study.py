@@ -92,11 +92,40 @@ def _sampler(name: str, seed: int | None, space: SearchSpace | None = None) -> o
 LATER_FIELDS = {"uniform": False, "coarse_to_fine": 1}
 
 
+def _fingerprinted_fields(space: SearchSpace) -> dict[str, Any]:
+    return {k: v for k, v in asdict(space).items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
+
+
 def space_fingerprint(space: SearchSpace) -> str:
     """A short hash of the search space: a study continued with another space is refused."""
-    fields = {k: v for k, v in asdict(space).items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
-    text = json.dumps(fields, sort_keys=True, default=str)
+    text = json.dumps(_fingerprinted_fields(space), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# the study attribute holding the space's fields, so a refusal can name what changed
+SPACE_FIELDS_ATTR = "search_space_fields"
+
+
+def space_fields_text(space: SearchSpace) -> str:
+    return json.dumps(_fingerprinted_fields(space), sort_keys=True, default=str)
+
+
+def space_change(stored_text: str | None, space: SearchSpace) -> str:
+    """Why a study's space differs from ``space``: the changed fields, or (a study made before the fields
+    were recorded) the likeliest cause."""
+    if not stored_text:
+        return (
+            "search space changed; a study made before 2026-12-03 with one-level per-layer moves continues "
+            "with 'coarse_to_fine: 1' in the --config space"
+        )
+    before = json.loads(stored_text)
+    now = json.loads(space_fields_text(space))
+    changed = [
+        f"{k} {before.get(k, LATER_FIELDS.get(k))} -> {now.get(k, LATER_FIELDS.get(k))}"
+        for k in sorted(before.keys() | now.keys())
+        if before.get(k) != now.get(k)
+    ]
+    return "search space: " + "; ".join(changed)
 
 
 class Objective:
@@ -540,6 +569,7 @@ def _open_study(
     sampler,
     identity: dict[str, str],
     starts: list[dict[str, Any]],
+    space: SearchSpace,
 ) -> optuna.Study:
     """Create or load the study, check it was made for this setting, enqueue the start trials if it is new.
 
@@ -564,11 +594,15 @@ def _open_study(
             raise AdaPrunerError(f"cannot open the study in {shown}: {str(exc).splitlines()[0]}") from None
         stored = {k: study.user_attrs.get(k) for k in identity}
         if all(v is None for v in stored.values()):
-            for key, value in identity.items():
+            for key, value in {**identity, SPACE_FIELDS_ATTR: space_fields_text(space)}.items():
                 study.set_user_attr(key, value)
         elif stored != identity:
-            diff = ", ".join(f"{k}: {stored[k]} != {identity[k]}" for k in identity if stored[k] != identity[k])
-            raise AdaPrunerError(f"study '{name}' was made for another setting ({diff}): use a new --output or --study")
+            diff = [f"{k}: {stored[k]} != {identity[k]}" for k in identity if stored[k] != identity[k]]
+            if stored.get("search_space") != identity.get("search_space"):
+                diff.append(space_change(study.user_attrs.get(SPACE_FIELDS_ATTR), space))
+            raise AdaPrunerError(
+                f"study '{name}' was made for another setting ({', '.join(diff)}): use a new --output or --study"
+            )
         if not study.get_trials(deepcopy=False):
             for params in starts:
                 study.enqueue_trial(params)
@@ -684,7 +718,7 @@ def search(
     warm = {name: warm_start_params(space, name, pool_per_source) for name in space.warm_starts}
     objective.warm_starts = {name: params for name, params in warm.items() if params is not None}
     starts = [baseline_params(space), *objective.warm_starts.values()]
-    study = _open_study(shared or local, study_name, study_sampler, identity, starts)
+    study = _open_study(shared or local, study_name, study_sampler, identity, starts, space)
     run_dir.mkdir(parents=True, exist_ok=True)  # a shared study of another setting was refused above
     study.pruner = _pruner(pruner)
     if shared is None and study.trials:
