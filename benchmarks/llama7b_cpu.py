@@ -14,7 +14,12 @@ weights, nothing downloaded) in bfloat16 on the CPU, and then, in one process, i
    least-squares refit needs at least as many tokens as its widest input (11,008 MLP channels), so it
    cannot run on the 2 x 64 tokens of the gradient pass (the engine refuses with a one-line error);
    the peak is one layer's (the engine holds one layer's statistics at a time), and the time for all
-   32 layers is extrapolated from the layers run.
+   32 layers is extrapolated from the layers run;
+4. **the per-layer search's supernet**: built for the first ``--supernet-layers`` layers on
+   ``--refit-tokens`` tokens (structured OBS's removal order and the input moments of o_proj and
+   down_proj, each layer's Gram matrices written to disk as soon as they exist), then one trial's
+   candidates assembled (20% of every built layer, each refitted from its matrix read back from disk):
+   what a 7B per-layer search holds. The build time for 32 layers is extrapolated.
 
 Each phase runs in a fresh process (the model built, then the step: what one ``adapruner`` command
 holds at that point); RSS is sampled every 5 ms while the step runs; the target (issue 16) is peak <=
@@ -30,6 +35,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,6 +97,7 @@ def run_phase(name: str, args: argparse.Namespace) -> dict:
     from adapruner.evaluation.perplexity import windowed_nll
     from adapruner.importance import collect_statistics
     from adapruner.local import LocalSettings, local_prune
+    from adapruner.local.supernet import SupernetSettings, build_supernet
     from adapruner.models import get_adapter
     from adapruner.pruning import masked
 
@@ -114,6 +121,21 @@ def run_phase(name: str, args: argparse.Namespace) -> dict:
         def action():
             with torch.no_grad(), masked(adapter, plan):
                 return list(windowed_nll(model, windows))
+
+        tokens = windows.numel()
+    elif name == "supernet":
+        built = list(range(min(args.supernet_layers, adapter.num_layers)))
+        windows = torch.randint(100, 32000, (args.refit_tokens // 128, 128), generator=gen)
+        label = f"supernet: build layers 0-{built[-1]} + assemble a 20% trial, {windows.numel()} tokens"
+
+        def action():
+            with tempfile.TemporaryDirectory() as cache:
+                net = build_supernet(model, windows, built, SupernetSettings(), directory=Path(cache))
+                counts = {}
+                for i in built:
+                    (_, attn, step), (m_min, mlp, _) = net.limits(i)
+                    counts[i] = (attn - step * max(1, round(0.2 * attn / step)), max(m_min, round(0.8 * mlp)))
+                return net.assemble(adapter, counts)
 
         tokens = windows.numel()
     else:
@@ -150,6 +172,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=2, help="validation windows of 128 tokens")
     parser.add_argument("--refit-layers", type=int, default=4, help="layers pruned and refitted (from layer 0)")
     parser.add_argument("--refit-tokens", type=int, default=12288, help=">= 11008, the MLP width")
+    parser.add_argument("--supernet-layers", type=int, default=2, help="layers of the supernet phase")
     parser.add_argument("--gpu-tflops", type=float, default=400.0, help="assumed sustained bf16 TFLOP/s of a GPU")
     parser.add_argument("--phases", default=",".join(PHASES))
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
@@ -192,9 +215,13 @@ def main() -> None:
         refit = rows["refit"]
         minutes = refit["seconds"] / min(args.refit_layers, refit["layers"]) * refit["layers"] / 60
         print(f"local refit of all {refit['layers']} layers on this CPU: ~{minutes:.0f} min (extrapolated)")
+    if "supernet" in rows:
+        net = rows["supernet"]
+        minutes = net["seconds"] / min(args.supernet_layers, net["layers"]) * net["layers"] / 60
+        print(f"supernet of all {net['layers']} layers on this CPU: ~{minutes:.0f} min (extrapolated, with one trial)")
 
 
-PHASES = ("statistics", "trial", "refit")
+PHASES = ("statistics", "trial", "refit", "supernet")
 
 
 if __name__ == "__main__":

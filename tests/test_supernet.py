@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import shutil
 
 import pytest
 import torch
@@ -75,17 +76,49 @@ def test_a_supernet_cache_of_another_setting_is_rebuilt_never_reused(tmp_path, c
     other_model = build_supernet(make_tiny("llama-gqa", seed=1), WINDOWS, [1, 2], directory=tmp_path)
     prints = {first.fingerprint, other_windows.fingerprint, other_grid.fingerprint, other_model.fingerprint}
     assert len(prints) == 4
-    path = tmp_path / f"{first.fingerprint}.safetensors"
-    (tmp_path / f"{other_grid.fingerprint}.safetensors").replace(path)  # a file whose content is another's
+    path = tmp_path / first.fingerprint
+    shutil.rmtree(path)
+    (tmp_path / other_grid.fingerprint).rename(path)  # a directory whose content is another's
     rebuilt = build_supernet(model, WINDOWS, [1, 2], SupernetSettings(), directory=tmp_path)
     assert rebuilt.mlp[1].order == first.mlp[1].order
     assert "another model, data or setting: rebuilding" in " ".join(capsys.readouterr().err.split())
-    path.write_bytes(b"garbage")
-    assert (
-        build_supernet(model, WINDOWS, [1, 2], SupernetSettings(), directory=tmp_path).mlp[1].order
-        == first.mlp[1].order
+    for damaged in (path / "candidates.json", path / "layer-2.safetensors"):
+        damaged.write_bytes(b"garbage")
+        assert (
+            build_supernet(model, WINDOWS, [1, 2], SupernetSettings(), directory=tmp_path).mlp[1].order
+            == first.mlp[1].order
+        )
+        assert "damaged" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no partial builds left
+
+
+def test_gram_matrices_stay_on_disk_and_refits_are_bounded_in_memory(tmp_path, monkeypatch):
+    """A 7B model's Gram matrices (~17 GB) cannot live in memory: candidates read theirs when refitting,
+    a loaded supernet refits exactly like the one just built, and the memo of refits is bounded in bytes."""
+    from adapruner.local import supernet as supernet_module
+
+    model = make_tiny("llama-gqa")
+    adapter = get_adapter(model)
+    built = build_supernet(model, WINDOWS, [1, 2], SupernetSettings(), directory=tmp_path)
+    loaded = build_supernet(model, WINDOWS, [1, 2], SupernetSettings(), directory=tmp_path)
+    assert not [
+        v
+        for c in (*loaded.mlp.values(), *loaded.attention.values())
+        for v in vars(c).values()
+        if isinstance(v, torch.Tensor) and v.dim() == 2
+    ]  # only orders and means in memory
+    keep = (built.mlp[1].min_keep + built.mlp[1].num_units) // 2
+    torch.testing.assert_close(
+        loaded.candidate(adapter, 1, "mlp", keep).weight, built.candidate(adapter, 1, "mlp", keep).weight
     )
-    assert "damaged" in capsys.readouterr().err
+    one = built.candidate(adapter, 2, "mlp", keep).weight.nbytes
+    monkeypatch.setattr(supernet_module, "MEMO_BYTES", 2 * one)
+    for k in range(built.mlp[2].min_keep, built.mlp[2].num_units):
+        built.candidate(adapter, 2, "mlp", k)
+    assert 1 <= len(built._memo) <= 2 and built._memo_bytes <= 2 * one
+    shutil.rmtree(tmp_path / built.fingerprint)  # the cache deleted under a running search: one clear line
+    with pytest.raises(AdaPrunerError, match=r"delete .* and rerun"):
+        built.candidate(adapter, 2, "mlp", built.mlp[2].min_keep)  # long out of the memo: read again
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])

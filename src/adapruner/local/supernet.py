@@ -11,15 +11,20 @@ reproduces the dense layer on the dense model's own inputs (each layer is indepe
 assignment can be assembled; the sequential engine of :mod:`adapruner.local.engine` instead refits on the
 inputs of the layers pruned before it).
 
-The moments and the orders are stored in one safetensors file per setting under the cache
-(``supernets/``), named by a fingerprint of the model, the windows, the layers and the solver settings;
-a file whose recorded fingerprint differs is recomputed, never reused.
+The moments and the orders are stored under the cache (``supernets/<fingerprint>/``: one safetensors
+file per layer and ``candidates.json``), named by a fingerprint of the model, the windows, the layers and
+the solver settings; a directory whose recorded fingerprint differs, or that is damaged, is recomputed,
+never reused. The Gram matrices stay on disk: a refit reads its layer's matrix and drops it, so memory
+holds one matrix at a time (a 7B model's are ~17 GB in fp32), while building as well as searching.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -27,6 +32,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..errors import AdaPrunerError
@@ -34,12 +40,15 @@ from ..models.base import ModelAdapter, get_adapter
 from ..models.groups import HeadMode, attention_group, mlp_group
 from ..paths import cache_dir
 from ..pruning.plan import PrunePlan, layer_plan
-from ..util import log, save_tensors_atomic
+from ..util import log
 from .engine import capture_inputs, input_moments, run_layer
 from .solve import Refit, gram_parts, obs_select, solve_refit
 
-SUPERNET_VERSION = "1"
-MEMO_SIZE = 256  # refitted candidates kept in memory (a trial changes a few layers; the rest are hits)
+SUPERNET_VERSION = "2"  # 2: a directory, one file per layer, Gram matrices read on demand
+# refitted candidates kept in memory, in bytes of their weights (a trial changes a few layers; the rest
+# are hits): all of a small model's, a few layers' of a 7B model's
+MEMO_BYTES = 1 << 30
+META_FILE = "candidates.json"
 
 
 @dataclass
@@ -50,13 +59,27 @@ class Candidates:
     unit_width: int  # input columns per unit
     blocks: int  # the keep count is a multiple of this (one unit per block and OBS step, GQA query heads)
     order: list[int]  # units, first removed first; the last ``min_keep`` never removed
-    gram: torch.Tensor  # centred covariance of the input (stored fp32: half the memory; solved in fp64)
     mean: torch.Tensor  # mean input
     tokens: int
+    columns: int  # input columns of the projection
+    # where the centred input covariance lives (fp32; solved in fp64): a layer file and its tensor name
+    gram_file: Path | None = None
+    gram_key: str = ""
 
     @property
     def num_units(self) -> int:
-        return self.gram.shape[0] // self.unit_width
+        return self.columns // self.unit_width
+
+    def load_gram(self) -> torch.Tensor:
+        """The Gram matrix, read from the supernet's layer file (not kept: one in memory at a time)."""
+        try:
+            with safe_open(str(self.gram_file), "pt") as f:
+                return f.get_tensor(self.gram_key)
+        except (SafetensorError, OSError, TypeError) as exc:
+            where = self.gram_file.parent if self.gram_file else "the supernet cache"
+            raise AdaPrunerError(
+                f"{self.name}: cannot read its supernet matrix ({exc}): delete {where} and rerun to rebuild it"
+            ) from None
 
     @property
     def min_keep(self) -> int:
@@ -75,10 +98,13 @@ class Candidates:
     def refit(self, weight: torch.Tensor, bias: torch.Tensor | None, keep: int, damping: float) -> Refit:
         kept_units = self.kept_units(keep)
         kept = torch.cat([torch.arange(u * self.unit_width, (u + 1) * self.unit_width) for u in kept_units])
-        gram = self.gram.double()  # a copy, freed before the solve
+        device = weight.device if weight.device.type != "meta" else torch.device("cpu")  # solved where W lives
+        gram = self.load_gram().to(device=device, dtype=torch.float64)
         parts = gram_parts(weight, gram, kept)
-        del gram
-        return solve_refit(weight, bias, parts, self.mean.double(), kept, damping, self.name)
+        del gram  # freed before the solve
+        return solve_refit(
+            weight, bias, parts, self.mean.to(device=device, dtype=torch.float64), kept, damping, self.name
+        )
 
 
 @dataclass
@@ -105,6 +131,7 @@ class Supernet:
     fingerprint: str
     seconds: float = 0.0
     _memo: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _memo_bytes: int = field(default=0, repr=False)
 
     def limits(self, layer: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         """(min keep, dense count, step) for the layer's attention units and MLP channels."""
@@ -123,8 +150,10 @@ class Supernet:
         module = adapter.model.get_submodule(cands.name)
         refit = cands.refit(module.weight, module.bias, keep, self.settings.damping)
         self._memo[key] = refit
-        if len(self._memo) > MEMO_SIZE:
-            self._memo.popitem(last=False)
+        self._memo_bytes += _nbytes(refit)
+        while self._memo_bytes > MEMO_BYTES and len(self._memo) > 1:
+            _, dropped = self._memo.popitem(last=False)
+            self._memo_bytes -= _nbytes(dropped)
         return refit
 
     def assemble(
@@ -161,6 +190,10 @@ def min_keep(num_units: int, blocks: int, max_removal: float) -> int:
     return max(1, per_block - int(per_block * max_removal)) * blocks
 
 
+def _nbytes(refit: Refit) -> int:
+    return refit.weight.nbytes + (0 if refit.bias is None else refit.bias.nbytes)
+
+
 @torch.no_grad()
 def build_supernet(
     model: torch.nn.Module,
@@ -176,83 +209,129 @@ def build_supernet(
     settings = settings or SupernetSettings()
     adapter = get_adapter(model)
     fingerprint = supernet_fingerprint(model_fingerprint(model), windows, layers, head_mode, settings)
-    path = (directory or cache_dir() / "supernets") / f"{fingerprint}.safetensors"
-    if path.is_file():
+    root = directory or cache_dir() / "supernets"
+    path = root / fingerprint
+    if path.exists():
         loaded = _load(path, fingerprint, settings)
         if loaded is not None:
             return loaded
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob("*.safetensors"):  # single files of the first layout (version 1): never read again
+        old.unlink(missing_ok=True)
     start = time.perf_counter()
-    attention: dict[int, Candidates] = {}
-    mlp: dict[int, Candidates] = {}
-    inputs = capture_inputs(adapter, windows, settings.batch_size)
-    last = max(layers)
-    for index in tqdm(range(last + 1), desc="supernet", leave=False):
-        layer = adapter.decoder_layers()[index]
-        if index in layers:
-            mods, names = adapter.layer(index), adapter.prunable_module_names(index)
-            group = attention_group(adapter, index, head_mode)
-            for kind, module, name, units, blocks in (
-                ("attention", mods.o_proj, names["o_proj"], group.num_units, group.blocks),
-                ("mlp", mods.down_proj, names["down_proj"], mlp_group(adapter, index).num_units, 1),
-            ):
-                moments = input_moments(layer, module, inputs, next(module.parameters()).device)
-                moments.check(name)
-                width = module.in_features // units
-                gram = moments.finalise(centred=True)
-                deepest = min_keep(units, blocks, settings.max_removal)
-                selection = obs_select(
-                    module.weight, gram, width, deepest, blocks, settings.rounds, settings.damping, name
-                )
-                order = selection.removed  # first removed first; a batch in its cost order
-                gram, mean = gram.float(), moments.mean.float()
-                cands = Candidates(name, width, blocks, order, gram, mean, moments.tokens)
-                (attention if kind == "attention" else mlp)[index] = cands
-        if index < last:
-            inputs = run_layer(layer, inputs)
-    supernet = Supernet(attention, mlp, settings, fingerprint, time.perf_counter() - start)
-    _save(supernet, path)
+    tables: dict[str, dict[int, Candidates]] = {"attention": {}, "mlp": {}}
+    partial = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.", dir=root))  # renamed when complete
+    try:
+        inputs = capture_inputs(adapter, windows, settings.batch_size)
+        last = max(layers)
+        for index in tqdm(range(last + 1), desc="supernet", leave=False):
+            layer = adapter.decoder_layers()[index]
+            if index in layers:
+                tensors = _layer_candidates(adapter, index, inputs, settings, head_mode, tables)
+                save_file(tensors, str(partial / _layer_file(index)))
+                del tensors  # the layer's Gram matrices leave memory as soon as they are on disk
+            if index < last:
+                inputs = run_layer(layer, inputs)
+        supernet = Supernet(tables["attention"], tables["mlp"], settings, fingerprint, time.perf_counter() - start)
+        meta = {"fingerprint": fingerprint, "seconds": supernet.seconds, "candidates": _describe(supernet)}
+        (partial / META_FILE).write_text(json.dumps(meta))
+        _publish(partial, path)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    for cands in (*supernet.attention.values(), *supernet.mlp.values()):
+        cands.gram_file = path / cands.gram_file.name
     return supernet
 
 
-def _save(supernet: Supernet, path: Path) -> None:
+def _layer_candidates(
+    adapter: ModelAdapter,
+    index: int,
+    inputs,
+    settings: SupernetSettings,
+    head_mode: HeadMode,
+    tables: dict[str, dict[int, Candidates]],
+) -> dict[str, torch.Tensor]:
+    """The attention and MLP candidates of one layer (added to ``tables``) and the tensors of its file."""
+    layer = adapter.decoder_layers()[index]
+    mods, names = adapter.layer(index), adapter.prunable_module_names(index)
+    group = attention_group(adapter, index, head_mode)
     tensors: dict[str, torch.Tensor] = {}
-    meta: dict[str, dict] = {}
-    for kind, table in (("attention", supernet.attention), ("mlp", supernet.mlp)):
-        for layer, c in table.items():
-            key = f"{kind}.{layer}"
-            tensors[f"{key}.gram"] = c.gram.contiguous()
-            tensors[f"{key}.mean"] = c.mean.contiguous()
-            tensors[f"{key}.order"] = torch.tensor(c.order, dtype=torch.int64)
-            meta[key] = {"name": c.name, "unit_width": c.unit_width, "blocks": c.blocks, "tokens": c.tokens}
-    metadata = {"fingerprint": supernet.fingerprint, "candidates": json.dumps(meta), "seconds": str(supernet.seconds)}
-    save_tensors_atomic(tensors, path, metadata)
+    for kind, module, name, units, blocks in (
+        ("attention", mods.o_proj, names["o_proj"], group.num_units, group.blocks),
+        ("mlp", mods.down_proj, names["down_proj"], mlp_group(adapter, index).num_units, 1),
+    ):
+        moments = input_moments(layer, module, inputs, next(module.parameters()).device)
+        moments.check(name)
+        width = module.in_features // units
+        gram = moments.finalise(centred=True)
+        deepest = min_keep(units, blocks, settings.max_removal)
+        selection = obs_select(module.weight, gram, width, deepest, blocks, settings.rounds, settings.damping, name)
+        order = selection.removed  # first removed first; a batch in its cost order
+        mean = moments.mean.float().cpu()
+        tensors[f"{kind}.gram"] = gram.float().cpu().contiguous()
+        del gram
+        tensors[f"{kind}.mean"] = mean.contiguous()
+        tensors[f"{kind}.order"] = torch.tensor(order, dtype=torch.int64)
+        file = Path(_layer_file(index))
+        tables[kind][index] = Candidates(
+            name, width, blocks, order, mean, moments.tokens, module.in_features, file, f"{kind}.gram"
+        )
+    return tensors
+
+
+def _layer_file(index: int) -> str:
+    return f"layer-{index}.safetensors"
+
+
+def _describe(supernet: Supernet) -> dict[str, dict]:
+    return {
+        f"{kind}.{layer}": {"name": c.name, "unit_width": c.unit_width, "blocks": c.blocks, "tokens": c.tokens}
+        for kind, table in (("attention", supernet.attention), ("mlp", supernet.mlp))
+        for layer, c in table.items()
+    }
+
+
+def _publish(partial: Path, path: Path) -> None:
+    """Rename the complete directory into place. When another builder of the same fingerprint (a worker on
+    this machine) finished first, its directory, of the same content, stays and this one is dropped."""
+    try:
+        os.rename(partial, path)
+    except OSError:
+        if not (path / META_FILE).is_file():
+            raise
 
 
 def _load(path: Path, fingerprint: str, settings: SupernetSettings) -> Supernet | None:
-    """The stored supernet, or None (logged) when the file is damaged or was made for another setting."""
+    """The stored supernet (its Gram matrices left on disk), or None (logged, the directory removed) when
+    it is damaged or was made for another setting."""
     try:
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("fingerprint") != fingerprint:
-                log(f"supernet cache {path.name} was made for another model, data or setting: rebuilding it")
-                return None
-            meta = json.loads(metadata["candidates"])
-            tables: dict[str, dict[int, Candidates]] = {"attention": {}, "mlp": {}}
-            for key, info in meta.items():
-                kind, layer = key.split(".")
+        meta = json.loads((path / META_FILE).read_text())
+        if meta.get("fingerprint") != fingerprint:
+            log(f"supernet cache {path.name} was made for another model, data or setting: rebuilding it")
+            shutil.rmtree(path, ignore_errors=True)
+            return None
+        tables: dict[str, dict[int, Candidates]] = {"attention": {}, "mlp": {}}
+        for key, info in meta["candidates"].items():
+            kind, layer = key.split(".")
+            file = path / _layer_file(int(layer))
+            with safe_open(str(file), "pt") as f:
+                columns = f.get_slice(f"{kind}.gram").get_shape()[0]  # the header only
                 tables[kind][int(layer)] = Candidates(
                     info["name"],
                     int(info["unit_width"]),
                     int(info["blocks"]),
-                    f.get_tensor(f"{key}.order").tolist(),
-                    f.get_tensor(f"{key}.gram"),
-                    f.get_tensor(f"{key}.mean"),
+                    f.get_tensor(f"{kind}.order").tolist(),
+                    f.get_tensor(f"{kind}.mean"),
                     int(info["tokens"]),
+                    int(columns),
+                    file,
+                    f"{kind}.gram",
                 )
-    except (SafetensorError, OSError, ValueError, KeyError):
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError):
         log(f"supernet cache {path.name} is damaged: rebuilding it")
+        shutil.rmtree(path, ignore_errors=True)
         return None
-    return Supernet(tables["attention"], tables["mlp"], settings, fingerprint, float(metadata.get("seconds", 0)))
+    return Supernet(tables["attention"], tables["mlp"], settings, fingerprint, float(meta.get("seconds", 0)))
 
 
 __all__ = ["Candidates", "Supernet", "SupernetSettings", "build_supernet", "supernet_fingerprint"]
