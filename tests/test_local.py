@@ -96,6 +96,11 @@ def test_obs_cost_is_the_exact_refit_error_and_the_curve_is_monotone():
     assert all(a <= b + 1e-12 for a, b in itertools.pairwise(steps))
     blocked = obs_select(w, gram, unit_width=1, keep=6, blocks=2, damping=0.0)
     assert sum(u < 6 for u in blocked.kept_units) == 3 and len(blocked.kept_units) == 6  # 3 per block
+    moments = _moments(x)  # handed over (the supernet's way: its Gram matrix freed once factored)
+    centred = moments.finalise(centred=True).clone()
+    taken = obs_select(w, moments, unit_width=3, keep=2, damping=1e-3)
+    assert taken.removed == obs_select(w, centred, unit_width=3, keep=2, damping=1e-3).removed
+    assert moments.gram.numel() == 0  # the moments let go of it
 
 
 @pytest.mark.parametrize("name", sorted(TINY))

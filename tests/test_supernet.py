@@ -82,7 +82,7 @@ def test_a_supernet_cache_of_another_setting_is_rebuilt_never_reused(tmp_path, c
     rebuilt = build_supernet(model, WINDOWS, [1, 2], SupernetSettings(), directory=tmp_path)
     assert rebuilt.mlp[1].order == first.mlp[1].order
     assert "another model, data or setting: rebuilding" in " ".join(capsys.readouterr().err.split())
-    for damaged in (path / "candidates.json", path / "layer-2.safetensors"):
+    for damaged in (path / "candidates.json", path / "layer-2.mlp.safetensors"):
         damaged.write_bytes(b"garbage")
         assert (
             build_supernet(model, WINDOWS, [1, 2], SupernetSettings(), directory=tmp_path).mlp[1].order

@@ -279,7 +279,7 @@ class Selection:
 
 def obs_select(
     weight: torch.Tensor,
-    gram: torch.Tensor,
+    gram: torch.Tensor | InputMoments,
     unit_width: int,
     keep: int,
     blocks: int = 1,
@@ -293,13 +293,25 @@ def obs_select(
     per KV group). Removes units in ``rounds`` batches (at most one unit per block and round when
     ``blocks > 1``, so every block loses its cheapest unit in turn), cheapest ``ε`` first, updating the
     inverse and the weights exactly after each batch. The returned curve starts at (0, 0.0).
+
+    Given :class:`InputMoments` (centred), their Gram matrix is taken over and freed once factored, so
+    the inverse never sits next to it (a 7B model's MLP: ~1 GB less at the peak).
     """
     num_units = weight.shape[1] // unit_width
     per_block = num_units // blocks
     if keep % blocks or not 0 < keep <= num_units:
         raise AdaPrunerError(f"{name}: cannot keep {keep} of {num_units} units evenly over {blocks} blocks")
-    inverse, _ = damped_inverse(gram, damping, name)
-    w = weight.detach().to(gram).clone()
+    if isinstance(gram, InputMoments):
+        matrix = gram.release(centred=True)[0]  # now the only reference
+        dtype, device = matrix.dtype, matrix.device
+        factor = _damped_cholesky(matrix, damping, name)[0]
+        del matrix
+        inverse = torch.cholesky_inverse(factor)
+        del factor
+    else:
+        dtype, device = gram.dtype, gram.device
+        inverse, _ = damped_inverse(gram, damping, name)
+    w = weight.detach().to(device=device, dtype=dtype).clone()
     alive = torch.ones(num_units, dtype=torch.bool)
     curve: list[tuple[int, float]] = [(0, 0.0)]
     order: list[int] = []
@@ -312,7 +324,7 @@ def obs_select(
         else:
             count = (to_remove - removed + (steps - step) - 1) // (steps - step)
             picked = costs.argsort()[:count].tolist()
-        columns = torch.cat([torch.arange(u * unit_width, (u + 1) * unit_width) for u in picked]).to(gram.device)
+        columns = torch.cat([torch.arange(u * unit_width, (u + 1) * unit_width) for u in picked]).to(device)
         error += _remove_columns(w, inverse, columns)
         alive[picked] = False
         order += picked

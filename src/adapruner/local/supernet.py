@@ -12,10 +12,11 @@ assignment can be assembled; the sequential engine of :mod:`adapruner.local.engi
 inputs of the layers pruned before it).
 
 The moments and the orders are stored under the cache (``supernets/<fingerprint>/``: one safetensors
-file per layer and ``candidates.json``), named by a fingerprint of the model, the windows, the layers and
-the solver settings; a directory whose recorded fingerprint differs, or that is damaged, is recomputed,
-never reused. The Gram matrices stay on disk: a refit reads its layer's matrix and drops it, so memory
-holds one matrix at a time (a 7B model's are ~17 GB in fp32), while building as well as searching.
+file per layer and projection, the orders in ``candidates.json``), named by a fingerprint of the model,
+the windows, the layers and the solver settings; a directory whose recorded fingerprint differs, or that
+is damaged, is recomputed, never reused. The Gram matrices stay on disk: a refit reads its projection's
+matrix and drops it, so memory holds one matrix at a time (a 7B model's are ~17 GB in fp32), while
+building (each written before OBS runs) as well as searching.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from ..util import log
 from .engine import capture_inputs, input_moments, run_layer
 from .solve import Refit, gram_parts, obs_select, solve_refit
 
-SUPERNET_VERSION = "2"  # 2: a directory, one file per layer, Gram matrices read on demand
+SUPERNET_VERSION = "3"  # 3: a directory, one file per layer and projection, Gram matrices read on demand
 # refitted candidates kept in memory, in bytes of their weights (a trial changes a few layers; the rest
 # are hits): all of a small model's, a few layers' of a 7B model's
 MEMO_BYTES = 1 << 30
@@ -62,9 +63,8 @@ class Candidates:
     mean: torch.Tensor  # mean input
     tokens: int
     columns: int  # input columns of the projection
-    # where the centred input covariance lives (fp32; solved in fp64): a layer file and its tensor name
+    # the file holding the centred input covariance (fp32; solved in fp64) under "gram"
     gram_file: Path | None = None
-    gram_key: str = ""
 
     @property
     def num_units(self) -> int:
@@ -74,7 +74,7 @@ class Candidates:
         """The Gram matrix, read from the supernet's layer file (not kept: one in memory at a time)."""
         try:
             with safe_open(str(self.gram_file), "pt") as f:
-                return f.get_tensor(self.gram_key)
+                return f.get_tensor("gram")
         except (SafetensorError, OSError, TypeError) as exc:
             where = self.gram_file.parent if self.gram_file else "the supernet cache"
             raise AdaPrunerError(
@@ -227,9 +227,7 @@ def build_supernet(
         for index in tqdm(range(last + 1), desc="supernet", leave=False):
             layer = adapter.decoder_layers()[index]
             if index in layers:
-                tensors = _layer_candidates(adapter, index, inputs, settings, head_mode, tables)
-                save_file(tensors, str(partial / _layer_file(index)))
-                del tensors  # the layer's Gram matrices leave memory as soon as they are on disk
+                _layer_candidates(adapter, index, inputs, settings, head_mode, tables, partial)
             if index < last:
                 inputs = run_layer(layer, inputs)
         supernet = Supernet(tables["attention"], tables["mlp"], settings, fingerprint, time.perf_counter() - start)
@@ -250,12 +248,13 @@ def _layer_candidates(
     settings: SupernetSettings,
     head_mode: HeadMode,
     tables: dict[str, dict[int, Candidates]],
-) -> dict[str, torch.Tensor]:
-    """The attention and MLP candidates of one layer (added to ``tables``) and the tensors of its file."""
+    directory: Path,
+) -> None:
+    """The attention and MLP candidates of one layer, added to ``tables``; each projection's moments are
+    written to its file in ``directory`` before OBS runs (so its fp32 copy leaves memory first)."""
     layer = adapter.decoder_layers()[index]
     mods, names = adapter.layer(index), adapter.prunable_module_names(index)
     group = attention_group(adapter, index, head_mode)
-    tensors: dict[str, torch.Tensor] = {}
     for kind, module, name, units, blocks in (
         ("attention", mods.o_proj, names["o_proj"], group.num_units, group.blocks),
         ("mlp", mods.down_proj, names["down_proj"], mlp_group(adapter, index).num_units, 1),
@@ -263,29 +262,31 @@ def _layer_candidates(
         moments = input_moments(layer, module, inputs, next(module.parameters()).device)
         moments.check(name)
         width = module.in_features // units
-        gram = moments.finalise(centred=True)
-        deepest = min_keep(units, blocks, settings.max_removal)
-        selection = obs_select(module.weight, gram, width, deepest, blocks, settings.rounds, settings.damping, name)
-        order = selection.removed  # first removed first; a batch in its cost order
         mean = moments.mean.float().cpu()
-        tensors[f"{kind}.gram"] = gram.float().cpu().contiguous()
-        del gram
-        tensors[f"{kind}.mean"] = mean.contiguous()
-        tensors[f"{kind}.order"] = torch.tensor(order, dtype=torch.int64)
-        file = Path(_layer_file(index))
-        tables[kind][index] = Candidates(
-            name, width, blocks, order, mean, moments.tokens, module.in_features, file, f"{kind}.gram"
-        )
-    return tensors
+        file = Path(_layer_file(index, kind))
+        tensors = {"gram": moments.finalise(centred=True).float().cpu().contiguous(), "mean": mean.contiguous()}
+        save_file(tensors, str(directory / file))
+        del tensors
+        deepest = min_keep(units, blocks, settings.max_removal)
+        # OBS takes the moments' Gram matrix over and frees it once factored
+        selection = obs_select(module.weight, moments, width, deepest, blocks, settings.rounds, settings.damping, name)
+        order = selection.removed  # first removed first; a batch in its cost order
+        tables[kind][index] = Candidates(name, width, blocks, order, mean, moments.tokens, module.in_features, file)
 
 
-def _layer_file(index: int) -> str:
-    return f"layer-{index}.safetensors"
+def _layer_file(index: int, kind: str) -> str:
+    return f"layer-{index}.{kind}.safetensors"
 
 
 def _describe(supernet: Supernet) -> dict[str, dict]:
     return {
-        f"{kind}.{layer}": {"name": c.name, "unit_width": c.unit_width, "blocks": c.blocks, "tokens": c.tokens}
+        f"{kind}.{layer}": {
+            "name": c.name,
+            "unit_width": c.unit_width,
+            "blocks": c.blocks,
+            "tokens": c.tokens,
+            "order": c.order,
+        }
         for kind, table in (("attention", supernet.attention), ("mlp", supernet.mlp))
         for layer, c in table.items()
     }
@@ -313,19 +314,18 @@ def _load(path: Path, fingerprint: str, settings: SupernetSettings) -> Supernet 
         tables: dict[str, dict[int, Candidates]] = {"attention": {}, "mlp": {}}
         for key, info in meta["candidates"].items():
             kind, layer = key.split(".")
-            file = path / _layer_file(int(layer))
+            file = path / _layer_file(int(layer), kind)
             with safe_open(str(file), "pt") as f:
-                columns = f.get_slice(f"{kind}.gram").get_shape()[0]  # the header only
+                columns = f.get_slice("gram").get_shape()[0]  # the header only
                 tables[kind][int(layer)] = Candidates(
                     info["name"],
                     int(info["unit_width"]),
                     int(info["blocks"]),
-                    f.get_tensor(f"{kind}.order").tolist(),
-                    f.get_tensor(f"{kind}.mean"),
+                    [int(u) for u in info["order"]],
+                    f.get_tensor("mean"),
                     int(info["tokens"]),
                     int(columns),
                     file,
-                    f"{kind}.gram",
                 )
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError):
         log(f"supernet cache {path.name} is damaged: rebuilding it")
