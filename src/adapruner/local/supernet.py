@@ -227,7 +227,7 @@ def build_supernet(
         for index in tqdm(range(last + 1), desc="supernet", leave=False):
             layer = adapter.decoder_layers()[index]
             if index in layers:
-                _layer_candidates(adapter, index, inputs, settings, head_mode, tables, partial)
+                _layer_candidates(adapter, index, inputs, settings, head_mode, tables, partial, path)
             if index < last:
                 inputs = run_layer(layer, inputs)
         supernet = Supernet(tables["attention"], tables["mlp"], settings, fingerprint, time.perf_counter() - start)
@@ -236,8 +236,6 @@ def build_supernet(
         _publish(partial, path)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    for cands in (*supernet.attention.values(), *supernet.mlp.values()):
-        cands.gram_file = path / cands.gram_file.name
     return supernet
 
 
@@ -248,10 +246,12 @@ def _layer_candidates(
     settings: SupernetSettings,
     head_mode: HeadMode,
     tables: dict[str, dict[int, Candidates]],
-    directory: Path,
+    partial: Path,
+    final: Path,
 ) -> None:
     """The attention and MLP candidates of one layer, added to ``tables``; each projection's moments are
-    written to its file in ``directory`` before OBS runs (so its fp32 copy leaves memory first)."""
+    written to its file in ``partial`` before OBS runs (so its fp32 copy leaves memory first), and the
+    candidates point at ``final``, the name ``partial`` is renamed to once the build is complete."""
     layer = adapter.decoder_layers()[index]
     mods, names = adapter.layer(index), adapter.prunable_module_names(index)
     group = attention_group(adapter, index, head_mode)
@@ -263,15 +263,17 @@ def _layer_candidates(
         moments.check(name)
         width = module.in_features // units
         mean = moments.mean.float().cpu()
-        file = Path(_layer_file(index, kind))
+        file = _layer_file(index, kind)
         tensors = {"gram": moments.finalise(centred=True).float().cpu().contiguous(), "mean": mean.contiguous()}
-        save_file(tensors, str(directory / file))
+        save_file(tensors, str(partial / file))
         del tensors
         deepest = min_keep(units, blocks, settings.max_removal)
         # OBS takes the moments' Gram matrix over and frees it once factored
         selection = obs_select(module.weight, moments, width, deepest, blocks, settings.rounds, settings.damping, name)
         order = selection.removed  # first removed first; a batch in its cost order
-        tables[kind][index] = Candidates(name, width, blocks, order, mean, moments.tokens, module.in_features, file)
+        tables[kind][index] = Candidates(
+            name, width, blocks, order, mean, moments.tokens, module.in_features, final / file
+        )
 
 
 def _layer_file(index: int, kind: str) -> str:

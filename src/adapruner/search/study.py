@@ -96,18 +96,18 @@ def _fingerprinted_fields(space: SearchSpace) -> dict[str, Any]:
     return {k: v for k, v in asdict(space).items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
 
 
+def space_fields_text(space: SearchSpace) -> str:
+    """The fingerprinted fields as JSON: hashed by :func:`space_fingerprint`, stored in the study."""
+    return json.dumps(_fingerprinted_fields(space), sort_keys=True, default=str)
+
+
 def space_fingerprint(space: SearchSpace) -> str:
     """A short hash of the search space: a study continued with another space is refused."""
-    text = json.dumps(_fingerprinted_fields(space), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return hashlib.sha256(space_fields_text(space).encode()).hexdigest()[:12]
 
 
 # the study attribute holding the space's fields, so a refusal can name what changed
 SPACE_FIELDS_ATTR = "search_space_fields"
-
-
-def space_fields_text(space: SearchSpace) -> str:
-    return json.dumps(_fingerprinted_fields(space), sort_keys=True, default=str)
 
 
 def space_change(stored_text: str | None, space: SearchSpace) -> str:
