@@ -50,16 +50,15 @@ command line replaces it for every model): SmolLM2 ``--trials 20 --finetune-step
 8192``; Qwen2.5-0.5B (``MODEL_BUDGETS``) ``--trials 20 --finetune-steps 5 --eval-tokens 4096``; both
 ``--limit 5``. Output names carry the budget, so the two models' outputs never mix.
 
-Wall time, measured on 2 shared CPU cores (fp32, 2026-11-30 and 12-01). SmolLM2: evaluation 30-80 s
-(2 × 8,192 tokens + 35 zero-shot documents), LoRA 45-220 s, pruning 2-60 s, a 20-trial search 7-11 min;
-the baselines ~1 h 20 min, the two searches with their recovery and evaluations ~35 min, the 50-document
-retention check ~25 min. Qwen2.5-0.5B (~4× SmolLM2's cost per token): evaluation ~3 min (2 × 4,096
-tokens), LoRA 5 steps ~4 min, FLAP's pruning ~4.5 min, so ~12 min per baseline; the 10-trial search
-~45 min, of which ~26 min are the pool's per-sample statistics (two sequence lengths); the Qwen2.5 grid
-~2 h (2 h 02 min on 2026-12-01). On busier cores everything takes longer (the smoke run of 2026-11-28, on 2 cores loaded
-~3× over, ran 5-20× slower). At ``--limit 5`` one task accuracy has a standard error of ~±22 points and
-the seven-task average ~±8: small-limit accuracies are indicative only; ``--full`` on a GPU gives the
-numbers to publish.
+Wall time, measured on 2 CPU cores (fp32, 2026-12-03, the sum of the units' times). SmolLM2 ~55 min:
+evaluation 25-60 s (4 × 8,192 tokens + 35 zero-shot documents), LoRA 30-60 s, pruning 1-150 s, a
+20-trial search ~4 min, the 50-document retention check included. Qwen2.5-0.5B (~4× SmolLM2's cost
+per token) ~73 min: evaluation 60-95 s (4 × 4,096 tokens), LoRA 5 steps ~1 min, pruning 5-250 s, the
+20-trial search ~22 min (8 profile trials 12 min, the supernet build ~6 min, 12 per-layer trials ~4
+min). The default grid ~2 h 10 min. On busier cores everything takes longer (the smoke run of
+2026-11-28, on 2 cores loaded ~3× over, ran 5-20× slower). At ``--limit 5`` one task accuracy has a
+standard error of ~±22 points and the seven-task average ~±8: small-limit accuracies are indicative
+only; ``--full`` on a GPU gives the numbers to publish.
 """
 
 from __future__ import annotations
