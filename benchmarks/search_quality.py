@@ -40,6 +40,7 @@ METHODS = {  # name -> (sampler, SearchSpace options)
     "joint TPE": ("tpe", {}),
     "uniform TPE": ("tpe", {"uniform": True}),  # --uniform: every layer one size, the stock architecture
     "joint TPE one-level": ("tpe", {"coarse_to_fine": 1}),  # one MLP level per move, not 4, 2, then 1
+    "joint TPE 3 profile": ("tpe", {"profile_trials": 3}),  # only the three starts before the per-layer stage
 }
 
 
