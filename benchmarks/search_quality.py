@@ -225,7 +225,7 @@ def main() -> None:
         print_table(ratio, rows, [*sources, GEOMEAN] if len(sources) > 1 else sources)
         all_rows += rows
     out = args.run_root / "search_quality.json"
-    out.write_text(json.dumps(all_rows, indent=2))
+    write_json_atomic(out, all_rows)  # the rows of this invocation's ratios (finished units are reused)
     print(f"\nrows written to {out}")
 
 
