@@ -142,3 +142,33 @@ def supernet_search_setup(root, **space_options):
     space = SearchSpace(**(options | space_options))
     kwargs = {"pool_per_source": 10, "objective_data": str(corpus), "objective_tokens": 512, "objective_seq_len": 16}
     return corpus, space, kwargs
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on shared cores each op would wait for a descheduled one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pruned_tiny(root, ratio: float = 0.3, layers: str = "1:4"):
+    """``root/tiny`` (a saved tiny LLaMA-GQA), ``root/corpus.txt`` and ``root/pruned``: ``ratio`` of it
+    removed in ``layers`` only, so the layers have mixed sizes (the dense model is the pruned one's
+    ``source_model``)."""
+    import adapruner
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ADAPRUNER_CACHE", str(root / "cache"))
+        save_tiny(root / "tiny")
+        write_corpus(root / "corpus.txt")
+        adapruner.prune(
+            str(root / "tiny"),
+            ratio,
+            output=root / "pruned",
+            calibration=str(root / "corpus.txt"),
+            seq_len=16,
+            layers=layers,
+        )
+    return root

@@ -197,6 +197,52 @@ def test_refit_and_obs_prune_from_the_cli(tiny_model_dir, extra):
     assert (bias is None) == ("--no-refit-bias" in extra)
 
 
+def test_default_refit_windows_fit_a_source_of_short_documents(tiny_model_dir):
+    """Like books (passages of ~80 tokens: 17 windows of 128), a source without 128 windows of 128 tokens
+    refits on as many tokens in 64-token windows, instead of failing after the scoring (issue 26)."""
+    from conftest import write_corpus
+
+    root = tiny_model_dir
+    write_corpus(root / "short.txt", documents=400, words=30)  # ~90 tokens a document
+    result = run(*prune_args(root, "--output", root / "out", "--refit", "lsq"), "--calibration", root / "short.txt")
+    assert result.exit_code == 0, result.output
+    record = json.loads((root / "out" / "adapruner.json").read_text())
+    assert record["config"]["refit_calibration"] == "256x64" and record["local"]["tokens"] == 256 * 64
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--refit", "lsq"], "too little text for the default refit windows (16,384 tokens"),
+        (["--metric", "obs"], "give a smaller --refit-calibration NxL or another --calibration"),
+        (["--refit", "lsq", "--refit-calibration", "100x128"], "--refit-calibration 100x128 needs 100: give"),
+        (["--refit", "lsq", "--refit-calibration", "100x128"], "give --refit-calibration 200x64, or another"),
+        (
+            ["--refit", "lsq", "--refit-calibration", "1x16", "--calibration", "{corpus},{corpus}"],
+            "--refit-calibration 1x16 cannot cover the 2 sources of --calibration",
+        ),
+        (["--num-samples", "100", "--seq-len", "128"], "use --seq-len 64 or fewer --num-samples, or another"),
+        (["--metric", "wanda_sp", "--activation-calibration", "100x128"], "give --activation-calibration 200x64"),
+    ],
+)
+def test_too_small_calibration_fails_before_the_weights_load(tiny_model_dir, monkeypatch, extra, message):
+    """Every window draw is checked on the tokenizer alone: the one-line error names the option to change,
+    and no weights are loaded (a real model would have loaded and scored for minutes first)."""
+    from adapruner import api
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the calibration was checked")
+
+    monkeypatch.setattr(api, "load_causal_lm", no_weights)
+    root = tiny_model_dir
+    extra = [arg.format(corpus=root / "corpus.txt") for arg in extra]
+    result = run(*prune_args(root, "--output", root / "out"), *extra)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert not (root / "out").exists()
+
+
 def test_importance_command_writes_scores(tiny_model_dir):
     root = tiny_model_dir
     result = run(

@@ -1,4 +1,5 @@
-"""LoRA recovery (`adapruner finetune`) on a tiny pruned model with mixed per-layer sizes."""
+"""LoRA recovery with LM loss (LLM-Pruner's, `adapruner finetune --loss lm`) on a tiny pruned model with mixed
+per-layer sizes; distillation has its own tests in test_distill.py."""
 
 from __future__ import annotations
 
@@ -13,14 +14,19 @@ from adapruner.cli import app
 from adapruner.errors import AdaPrunerError, OfflineError
 from adapruner.models import get_adapter
 from adapruner.recovery import data as ft_data
-from adapruner.recovery import lora
-from conftest import save_tiny, write_corpus
+from adapruner.recovery import recover
+from adapruner.recovery.config import FinetuneConfig
+from conftest import pruned_tiny, save_tiny, write_corpus
 
 runner = CliRunner()
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # PEFT on transformers v5
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning"),  # PEFT on transformers v5
+    pytest.mark.usefixtures("one_thread"),
+]
 
 # A few small steps: 2 examples per forward pass, 4 per optimizer step.
 FAST = {
+    "loss": "lm",
     "max_steps": 3,
     "batch_size": 4,
     "micro_batch_size": 2,
@@ -42,31 +48,10 @@ def write_jsonl(path, rows) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on shared cores each op would wait for a descheduled one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pruned_root(tmp_path_factory):
     """``pruned/``: a tiny LLaMA-GQA pruned by 30% in layers 1..3 (layer 0 dense: mixed sizes), plus data."""
-    root = tmp_path_factory.mktemp("finetune")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ADAPRUNER_CACHE", str(root / "cache"))
-        save_tiny(root / "tiny")
-        write_corpus(root / "corpus.txt")
-        adapruner.prune(
-            str(root / "tiny"),
-            0.3,
-            output=root / "pruned",
-            calibration=str(root / "corpus.txt"),
-            seq_len=16,
-            layers="1:4",
-        )
+    root = pruned_tiny(tmp_path_factory.mktemp("finetune"))
     write_jsonl(root / "alpaca.jsonl", RECORDS * 2)
     return root
 
@@ -178,12 +163,12 @@ def test_interrupted_run_resumes_from_its_checkpoint(pruned_root, tmp_path, monk
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(lora, "_merge_and_save", interrupted)
+        patch.setattr(recover, "_merge_and_save", interrupted)
         with pytest.raises(KeyboardInterrupt):
             adapruner.finetune(pruned, data, out, **options | {"max_steps": 2})
     work = tmp_path / "out.work"
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
-    assert (work / "checkpoint-2").is_dir() and (work / lora.WORK_MARKER).is_file()
+    assert (work / "checkpoint-2").is_dir() and (work / recover.WORK_MARKER).is_file()
 
     with pytest.raises(AdaPrunerError, match="holds another fine-tune"):  # other settings never mix
         adapruner.finetune(pruned, data, out, **options | {"max_steps": 4, "lr": 5e-4})
@@ -277,11 +262,11 @@ def test_prompt_template_and_response_only_labels():
     assert blocks and all(len(b["input_ids"]) == 16 == len(b["labels"]) for b in blocks)
 
 
-def test_config_defaults_are_llm_pruners():
-    cfg = lora.FinetuneConfig()
+def test_lora_defaults_are_llm_pruners():
+    cfg = FinetuneConfig()
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lr) == (8, 16, 0.05, 1e-4)
     assert (cfg.cutoff_len, cfg.epochs, cfg.batch_size, cfg.micro_batch_size) == (256, 2, 64, 4)
-    assert cfg.warmup_steps == 100 and cfg.max_steps is None and cfg.train_on_inputs
+    assert cfg.warmup_steps == 0.05 and cfg.max_steps is None and cfg.train_on_inputs  # LLM-Pruner: 100 of ~1,600
     assert cfg.accumulation_steps() == 16 and cfg.accumulation_steps(world_size=4) == 4
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from adapruner import AdaPrunerError
-from adapruner.pipeline import load_run_config, run
+from adapruner.pipeline import load_run_config, recovery_label, run
 
 
 def tiny_run_config(root, **overrides):
@@ -36,12 +36,14 @@ def test_run_does_every_stage_once_and_reports(tiny_model_dir, monkeypatch):
     root = tiny_model_dir
     cfg = tiny_run_config(root)
     evaluations = run(cfg, root / "run")
+    recovered = recovery_label(cfg.recovery_options(baseline=False))
+    assert recovered.startswith("KD") and recovery_label(cfg.recovery_options(baseline=True)) == "LoRA"
     assert list(evaluations) == [
         "dense",
         "LLM-Pruner recipe",
         "AdaPruner",
         "LLM-Pruner recipe + LoRA",
-        "AdaPruner + LoRA",
+        f"AdaPruner + {recovered}",
     ]
     results = {label: json.loads(Path(path).read_text()) for label, path in evaluations.items()}
     dense = results["dense"]["params"]
@@ -49,23 +51,24 @@ def test_run_does_every_stage_once_and_reports(tiny_model_dir, monkeypatch):
         assert result["label"] == label
         if label != "dense":
             assert result["params"] == pytest.approx(0.8 * dense, rel=0.03)
-    ft = json.loads((root / "run" / "adapruner-lora" / "adapruner.json").read_text())
-    assert "finetune" in ft and ft["search"]["run"] == str(root / "run" / "search")
+    ours = json.loads((root / "run" / f"adapruner-{recovered.lower()}" / "adapruner.json").read_text())
+    assert ours["search"]["run"] == str(root / "run" / "search")
+    assert ours["finetune"]["loss"] == "kd" and ours["finetune"]["teacher"] == str(root / "tiny")
+    baseline = json.loads((root / "run" / "llm-pruner-lora" / "adapruner.json").read_text())["finetune"]
+    assert baseline["loss"] == "lm" and baseline["method"] == "lora" and baseline["teacher"] is None
     report = (root / "run" / "report.md").read_text()
-    for label in evaluations:
-        assert f"| {label} " in report or f"{label} |" in report or label in report
+    rows = [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| ")]
+    assert set(evaluations) <= set(rows), rows
     assert "Stage times" in report and "<table>" in (root / "run" / "report.html").read_text()
     times = json.loads((root / "run" / "stages.json").read_text())
-    assert {"search", "prune adapruner", "finetune adapruner", "evaluate AdaPruner + LoRA"} <= set(times)
+    assert {"search", "prune adapruner", "finetune adapruner", f"evaluate AdaPruner + {recovered}"} <= set(times)
 
     # a rerun finds every stage done: nothing is recomputed (no stage may run again)
-    import adapruner.pipeline as pipeline
-
     def fail(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    monkeypatch.setattr(pipeline, "_evaluate", fail)
-    monkeypatch.setattr("adapruner.api.prune", fail)
+    for name in ("adapruner.api.evaluate", "adapruner.api.prune", "adapruner.recovery.finetune"):
+        monkeypatch.setattr(name, fail)
     run(cfg, root / "run")
     assert json.loads((root / "run" / "stages.json").read_text()) == times
 

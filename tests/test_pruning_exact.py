@@ -164,3 +164,30 @@ def test_depth_parameters_out_of_range_are_refused():
 
     with pytest.raises(AdaPrunerError, match="depth-slope"):
         Budget(0.2, depth_slope=9.0)
+
+
+def test_rate_summary_totals_every_layer():
+    """The pruned: line sums over all layers: the first changed layer alone (old summary) misleads when
+    layers keep different counts, as under a global ranking or OBS."""
+    from adapruner.models.base import LayerShape
+    from adapruner.pruning.plan import LayerPlan, PrunePlan, rate_summary
+
+    dense = [LayerShape(9, 3, 1536)] * 4
+    plan = PrunePlan(
+        [
+            LayerPlan(list(range(9)), [0, 1, 2], list(range(1536))),  # untouched
+            LayerPlan(list(range(9)), [0, 1, 2], list(range(1488))),  # the old summary described only this one
+            LayerPlan([0, 1, 2], [0], list(range(170))),
+            LayerPlan([0, 3, 6], [0, 1, 2], list(range(1200))),
+        ],
+        64,
+    )
+    assert rate_summary(plan, dense) == (
+        "heads 24/36 kept (3-9 per layer), kv heads 10/12 (1-3 per layer), "
+        "channels 4,394/6,144 (170-1,536 per layer) in 3 of 4 layers"
+    )
+    assert rate_summary(PrunePlan([LayerPlan([0, 3], [0, 1], [0])] * 2, 64), [LayerShape(4, 2, 8)] * 2) == (
+        "heads 4/8 kept (2 per layer), kv heads 4/4 (2 per layer), channels 2/16 (1 per layer) in 2 of 2 layers"
+    )
+    whole = PrunePlan([LayerPlan(list(range(9)), [0, 1, 2], list(range(1536)))] * 4, 64)
+    assert rate_summary(whole, dense) == "nothing removed"

@@ -81,3 +81,29 @@ def test_refit_trial_equals_the_saved_model_on_smollm2(smollm2, tmp_path):
     save_pruned(pruned, tokenizer, {"format": 1, "plan": plan.to_dict()}, tmp_path / "out")
     with torch.no_grad():
         assert perplexity(load_pruned(tmp_path / "out"), valid, 128, progress=False) == pytest.approx(trial, rel=1e-4)
+
+
+def test_books_windows_are_checked_before_the_weights_load(monkeypatch, tmp_path):
+    """Issue 26: books' passages hold ~80 tokens (17 windows of 128). The default refit windows fit them
+    (256x64; wiki keeps 128x128), and a choice they cannot give fails in seconds, naming the option, before
+    the weights load (it used to fail after loading and ~13 s of scoring)."""
+    from adapruner import AdaPrunerError, api
+    from adapruner.models.loading import load_tokenizer
+
+    if not (model_dir("smollm2-135m") / "config.json").is_file():
+        pytest.skip("SmolLM2 is not fetched: run `adapruner assets fetch smollm2-135m data` (make test does)")
+    tokenizer = load_tokenizer("smollm2-135m")
+    default = PruneConfig(model="smollm2-135m", ratio=0.2, refit="lsq")
+    assert api.check_calibration(tokenizer, default).refit_calibration == "256x64"
+    obs = PruneConfig.from_method("smollm2-135m", 0.2, "local-obs")
+    assert api.check_calibration(tokenizer, obs).refit_calibration == "128x128"
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the calibration was checked")
+
+    monkeypatch.setattr(api, "load_causal_lm", no_weights)
+    with pytest.raises(AdaPrunerError, match=r"'books' has only 17 windows of 128 tokens.*--refit-calibration 256x64"):
+        api.prune("smollm2-135m", 0.2, refit="lsq", refit_calibration="128x128", output=tmp_path / "out")
+    with pytest.raises(AdaPrunerError, match=r"--num-samples 128 x --seq-len 128 needs 128: use --seq-len 64"):
+        api.prune("smollm2-135m", 0.2, method="flap", calibration="books")
+    assert not (tmp_path / "out").exists()

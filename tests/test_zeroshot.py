@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import shutil
 import zipfile
 from pathlib import Path
@@ -144,7 +145,7 @@ def test_zero_shot_matches_own_loglikelihood_choice(tiny, task_cache: Path) -> N
     limit = 4
     result = zeroshot.zero_shot(model, tokenizer, ["piqa", "winogrande", "boolq"], limit=limit, samples=True)
 
-    assert set(result) == {"tasks", "average", "average_metric", "settings"}
+    assert set(result) == {"tasks", "average", "average_stderr", "average_metric", "settings"}
     assert set(result["tasks"]["piqa"]) >= {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "metric", "documents"}
     assert "acc_norm" not in result["tasks"]["winogrande"] and "acc_norm" not in result["tasks"]["boolq"]
     for task in ("piqa", "winogrande"):
@@ -169,9 +170,10 @@ def test_zero_shot_matches_own_loglikelihood_choice(tiny, task_cache: Path) -> N
             atol=1e-4,
         )
         assert entry["acc"] == pytest.approx(sum(own_acc) / limit)
+        assert entry["acc_stderr"] == pytest.approx(binomial_stderr(entry["acc"], limit))
         if task == "piqa":
             assert entry["acc_norm"] == pytest.approx(sum(own_norm) / limit)
-        assert 0 <= entry["acc"] <= 1 and entry["acc_stderr"] >= 0
+            assert entry["acc_norm_stderr"] == pytest.approx(binomial_stderr(entry["acc_norm"], limit))
     # BoolQ: yes/no after the passage; the bool answer becomes the index of "yes"/"no".
     boolq = sorted(result["tasks"]["boolq"]["samples"], key=lambda s: s["doc_id"])
     assert [s["target"] for s in boolq] == [int(a) for a in BOOLQ["answer"]]
@@ -185,12 +187,43 @@ def test_zero_shot_matches_own_loglikelihood_choice(tiny, task_cache: Path) -> N
     expected_average += result["tasks"]["boolq"]["acc"] / 3
     assert result["average"] == pytest.approx(expected_average)
     assert result["average_metric"] == {"piqa": "acc_norm", "winogrande": "acc", "boolq": "acc"}
+    errors = [result["tasks"][task][f"{metric}_stderr"] for task, metric in result["average_metric"].items()]
+    assert result["tasks"]["boolq"]["acc_stderr"] == pytest.approx(binomial_stderr(result["tasks"]["boolq"]["acc"], 3))
+    assert result["average_stderr"] == pytest.approx(math.sqrt(sum(se**2 for se in errors)) / 3)
     settings = result["settings"]
     assert settings["limit"] == limit and settings["seed"] == 0 and settings["source"] == "offline"
     assert settings["lm_eval"].startswith("0.4")
     data_file = task_cache / "data" / "tasks" / "piqa" / "data-00000-of-00001.arrow"
     assert settings["data"]["piqa"]["sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()
     assert settings["data"]["piqa"]["rows"] == 5
+
+
+def test_summary_keeps_the_stderr_of_the_averaged_metric() -> None:
+    """lm-eval's ``<metric>_stderr,none`` is kept for every metric; the average's is sqrt(sum se²) / n,
+    and None when one task has none ("N/A")."""
+    output = {
+        "results": {
+            "boolq": {"acc,none": 0.5, "acc_stderr,none": 0.12},
+            "piqa": {"acc,none": 0.6, "acc_stderr,none": 0.11, "acc_norm,none": 0.7, "acc_norm_stderr,none": 0.09},
+            "winogrande": {"acc,none": 0.4, "acc_stderr,none": "N/A"},
+        },
+        "n-samples": {name: {"effective": 20, "original": 100} for name in ("boolq", "piqa", "winogrande")},
+    }
+    result = zeroshot._summarise(output, ["boolq", "piqa"], 20, 0, "offline", 8, {}, "0.4", False)
+    assert result["tasks"]["piqa"] == {
+        "acc": 0.6,
+        "acc_stderr": 0.11,
+        "acc_norm": 0.7,
+        "acc_norm_stderr": 0.09,
+        "metric": "acc_norm",
+        "documents": 20,
+        "split_documents": 100,
+    }
+    assert result["tasks"]["boolq"]["acc_stderr"] == 0.12
+    assert result["average"] == pytest.approx(0.6)
+    assert result["average_stderr"] == pytest.approx(math.sqrt(0.12**2 + 0.09**2) / 2)  # piqa: acc_norm's, not acc's
+    result = zeroshot._summarise(output, ["boolq", "winogrande"], 20, 0, "offline", 8, {}, "0.4", False)
+    assert result["tasks"]["winogrande"]["acc_stderr"] is None and result["average_stderr"] is None
 
 
 def test_hellaswag_and_winogrande_hooks_match_lm_eval() -> None:
@@ -296,7 +329,10 @@ def test_all_seven_tasks_on_the_fetched_data(tiny) -> None:
         entry = result["tasks"][task]
         assert entry["documents"] == 2 and entry["split_documents"] == size
         assert entry[entry["metric"]] in (0.0, 0.5, 1.0)
+        assert entry[f"{entry['metric']}_stderr"] == pytest.approx(binomial_stderr(entry[entry["metric"]], 2))
         assert result["settings"]["data"][task]["rows"] == size == manifest[task]["rows"]
+    errors = [result["tasks"][task][f"{metric}_stderr"] for task, metric in result["average_metric"].items()]
+    assert result["average_stderr"] == pytest.approx(math.sqrt(sum(se**2 for se in errors)) / 7)
     assert [result["tasks"][t]["metric"] for t in zeroshot.TASKS] == [
         "acc",
         *["acc_norm"] * 2,
@@ -429,15 +465,42 @@ def test_fresh_data_fetch_includes_the_task_files(tmp_path: Path, monkeypatch: p
 # --- compare -------------------------------------------------------------------------------------
 
 
-def results_file(path: Path, model: str, params: int, ppl: float, boolq: float, piqa: float, **extra) -> Path:
-    zero_shot = {
-        "tasks": {
-            "boolq": {"acc": boolq, "metric": "acc", "documents": 100},
-            "piqa": {"acc": piqa - 0.05, "acc_norm": piqa, "metric": "acc_norm", "documents": 100},
-        },
-        "average": (boolq + piqa) / 2,
-        "settings": {"limit": 100, "source": "offline", **extra},
+def binomial_stderr(p: float, n: int) -> float:
+    """lm-eval's standard error of a mean of 0/1 scores: sample standard deviation / sqrt(n)."""
+    return math.sqrt(p * (1 - p) / (n - 1))
+
+
+def results_file(
+    path: Path,
+    model: str,
+    params: int,
+    ppl: float,
+    boolq: float,
+    piqa: float,
+    *,
+    documents: int = 100,
+    stderr: bool = True,
+    average_stderr: bool = True,
+    **extra,
+) -> Path:
+    """An ``evaluate`` results file; ``stderr=False``: one written before standard errors were kept."""
+    tasks = {
+        "boolq": {"acc": boolq, "metric": "acc", "documents": documents},
+        "piqa": {"acc": piqa - 0.05, "acc_norm": piqa, "metric": "acc_norm", "documents": documents},
     }
+    if stderr:
+        for entry in tasks.values():
+            for metric in ("acc", "acc_norm"):
+                if metric in entry:
+                    entry[f"{metric}_stderr"] = binomial_stderr(entry[metric], documents)
+    zero_shot = {
+        "tasks": tasks,
+        "average": (boolq + piqa) / 2,
+        "average_metric": {"boolq": "acc", "piqa": "acc_norm"},
+        "settings": {"limit": documents, "source": "offline", **extra},
+    }
+    if stderr and average_stderr:
+        zero_shot["average_stderr"] = math.hypot(tasks["boolq"]["acc_stderr"], tasks["piqa"]["acc_norm_stderr"]) / 2
     path.write_text(
         json.dumps({"model": model, "params": params, "perplexity": {"wiki@128": ppl}, "zero_shot": zero_shot})
     )
@@ -450,12 +513,19 @@ def test_compare_table_and_retention(tmp_path: Path) -> None:
     table = api.compare([dense, pruned])
     lines = table.splitlines()
     assert lines[0] == "| model | params | wiki@128 ppl | boolq (acc) | piqa (acc_norm) | average |"
-    assert lines[2] == "| smollm2-135m | 134.5M | 20.00 | 60.00 | 70.00 | 65.00 |"
-    # params 80.0%, perplexity 20/25 = 80.0%, boolq 95.0%, piqa 80.0%, average 56.5/65 = 86.9%
-    assert lines[3] == "| runs/p20 | 107.6M (80.0%) | 25.00 (80.0%) | 57.00 (95.0%) | 56.00 (80.0%) | 56.50 (86.9%) |"
-    assert "retention against" in table and "Warning" not in table
+    # standard errors on 100 documents: sqrt(p(1-p)/99) = 4.9 and 4.6 points; average sqrt(4.92² + 4.61²)/2
+    assert lines[2] == "| smollm2-135m | 134.5M | 20.00 | 60.00 ± 4.9 | 70.00 ± 4.6 | 65.00 ± 3.4 |"
+    # params 80.0%, perplexity 20/25 = 80.0% (always shown); piqa: |56 - 70| = 14 > 1.96 * sqrt(4.99² + 4.61²)
+    # = 13.3, so 80.0%; boolq: 3 < 13.7 and average: 8.5 < 9.6, within noise, so no 95.0% / 86.9%
+    assert (
+        lines[3]
+        == "| runs/p20 | 107.6M (80.0%) | 25.00 (80.0%) | 57.00 ± 5.0 (~) | 56.00 ± 5.0 (80.0%) | 56.50 ± 3.5 (~) |"
+    )
+    assert "retention against" in table and "(~) = within it" in table
+    assert "Warning" not in table and "without standard errors" not in table
 
-    other = results_file(tmp_path / "p50.json", "runs/p20", 67_000_000, 40.0, 0.50, 0.50, limit=10)
+    # 10 documents: ±16.7 points per task, every accuracy difference (10 to 20 points) is within noise
+    other = results_file(tmp_path / "p50.json", "runs/p20", 67_000_000, 40.0, 0.50, 0.50, documents=10)
     result = CliRunner().invoke(
         app, ["compare", str(pruned), str(other), "--reference", str(dense), "--output", str(tmp_path / "t.md")]
     )
@@ -464,11 +534,42 @@ def test_compare_table_and_retention(tmp_path: Path) -> None:
     assert written == result.output
     rows = written.splitlines()
     assert rows[2].startswith("| runs/p20 (p20.json) | 107.6M (80.0%)")
-    assert (
-        rows[3]
-        == "| runs/p20 (p50.json) | 67.0M (49.8%) | 40.00 (50.0%) | 50.00 (83.3%) | 50.00 (71.4%) | 50.00 (76.9%) |"
+    assert rows[3] == (
+        "| runs/p20 (p50.json) | 67.0M (49.8%) | 40.00 (50.0%) "
+        "| 50.00 ± 16.7 (~) | 50.00 ± 16.7 (~) | 50.00 ± 11.8 (~) |"
     )
     assert "Warning: the files differ in zero-shot tasks, --limit or task source" in written
+
+
+def test_compare_retention_only_outside_the_interval() -> None:
+    """The 95% interval of the difference is ±1.96 * sqrt(se² + se_ref²): retention only outside it."""
+    assert compare.differs(0.50, 0.1, 0.30, 0.0) is True  # 0.20 > 0.196
+    assert compare.differs(0.50, 0.1, 0.31, 0.0) is False  # 0.19 < 0.196
+    assert compare.differs(0.10, 0.03, 0.20, 0.04) is True  # 0.10 > 1.96 * 0.05 = 0.098, either sign
+    assert compare.differs(0.10, 0.03, 0.19, 0.04) is False
+    assert compare.differs(0.5, None, 0.3, 0.1) is None and compare.differs(0.5, 0.1, 0.3, None) is None
+
+
+def test_compare_files_without_stderr(tmp_path: Path) -> None:
+    """Files written before standard errors were kept still render: no ±, retention unchecked (as before)."""
+    old_dense = results_file(tmp_path / "dense.json", "dense", 100, 20.0, 0.60, 0.70, stderr=False)
+    old_pruned = results_file(tmp_path / "p20.json", "p20", 80, 25.0, 0.57, 0.56, stderr=False)
+    table = compare.compare_table([old_dense, old_pruned])
+    rows = table.splitlines()
+    assert rows[2] == "| dense | 0.0M | 20.00 | 60.00 | 70.00 | 65.00 |"
+    assert rows[3] == "| p20 | 0.0M (80.0%) | 25.00 (80.0%) | 57.00 (95.0%) | 56.00 (80.0%) | 56.50 (86.9%) |"
+    assert "without standard errors (older versions): their retention is shown unchecked" in table
+
+    # A new reference against an old file: the old side's retention cannot be checked, so it is shown.
+    dense = results_file(tmp_path / "new.json", "new", 100, 20.0, 0.60, 0.70)
+    rows = compare.compare_table([dense, old_pruned]).splitlines()
+    assert rows[3] == "| p20 | 0.0M (80.0%) | 25.00 (80.0%) | 57.00 (95.0%) | 56.00 (80.0%) | 56.50 (86.9%) |"
+
+    # Per-task errors without "average_stderr" (files of the version before): the average's is rebuilt.
+    no_average = results_file(tmp_path / "mid.json", "mid", 80, 25.0, 0.57, 0.56, average_stderr=False)
+    table = compare.compare_table([dense, no_average])
+    assert table.splitlines()[3].endswith("| 57.00 ± 5.0 (~) | 56.00 ± 5.0 (80.0%) | 56.50 ± 3.5 (~) |")
+    assert "without standard errors" not in table
 
 
 def test_compare_missing_columns_and_bad_files(tmp_path: Path) -> None:
@@ -477,7 +578,7 @@ def test_compare_missing_columns_and_bad_files(tmp_path: Path) -> None:
     ppl_only.write_text(json.dumps({"model": "p", "params": 50, "perplexity": {"wiki@128": 20.0, "news@128": 30.0}}))
     rows = compare.compare_table([dense, ppl_only]).splitlines()
     assert rows[0] == "| model | params | wiki@128 ppl | news@128 ppl | boolq (acc) | piqa (acc_norm) | average |"
-    assert rows[2] == "| dense | 0.0M | 10.00 | – | 50.00 | 50.00 | 50.00 |"
+    assert rows[2] == "| dense | 0.0M | 10.00 | – | 50.00 ± 5.0 | 50.00 ± 5.0 | 50.00 ± 3.6 |"
     assert rows[3] == "| p | 0.0M (50.0%) | 20.00 (50.0%) | 30.00 | – | – | – |"
     (tmp_path / "bad.json").write_text("{not json")
     for path, message in [

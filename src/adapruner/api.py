@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .data.calibration import WindowCounts, split_sources
 from .data.pool import CalibrationPool, build_pool
 from .data.sources import OFFLINE_SOURCES
 from .errors import AdaPrunerError
@@ -24,7 +25,7 @@ from .local import LocalResult, LocalSettings, local_prune
 from .methods import get_method, with_method
 from .models.base import ModelAdapter, get_adapter
 from .models.groups import HEAD_MODES, layer_groups
-from .models.loading import load_causal_lm, load_model
+from .models.loading import load_causal_lm, load_model, load_tokenizer
 from .pruning.apply import prune_physically
 from .pruning.io import check_output_dir, read_record, save_pruned, write_csv_atomic, write_json_atomic
 from .pruning.plan import (
@@ -79,7 +80,9 @@ class PruneConfig:
     # (layer by layer, least squares of the kept o_proj/down_proj columns, see adapruner.local). The
     # ``obs`` metric always refits by least squares.
     refit: str = "none"
-    refit_calibration: str = "128x128"  # NxL windows of ``calibration`` the layer-by-layer engine runs on
+    # NxL windows of ``calibration`` the layer-by-layer engine runs on; None: REFIT_TOKENS tokens in the longest
+    # windows the text offers enough of (128x128; books, whose passages are short: 256x64), see check_calibration
+    refit_calibration: str | None = None
     refit_damping: float = 1e-3  # fraction of the mean diagonal of each input Gram matrix (measured, README)
     refit_bias: bool = True  # lsq/obs: refit a bias too (the kept columns fitted on centred inputs)
     obs_rounds: int = 16  # obs: batches in which MLP channels are removed
@@ -211,7 +214,8 @@ class PruneConfig:
         if self.refit not in REFIT_MODES:
             raise AdaPrunerError(f"unknown --refit '{self.refit}': choose one of {', '.join(REFIT_MODES)}")
         if self.uses_local_engine:
-            parse_windows(self.refit_calibration)
+            if self.refit_calibration is not None:
+                parse_windows(self.refit_calibration)
             self.local_settings()
         if not self.local_selection:
             return
@@ -226,6 +230,10 @@ class PruneConfig:
 
 OBS = "obs"  # structured OBS selection: a metric name that the local engine, not a score, implements
 REFIT_MODES = ("none", "bias", "lsq")
+
+
+REFIT_TOKENS = 128 * 128  # the default refit windows: 128 of 128 tokens, or as many tokens in shorter ones
+REFIT_LENGTHS = (128, 64, 32)  # their lengths, longest first
 
 
 def parse_windows(text: str) -> tuple[int, int]:
@@ -347,9 +355,75 @@ def refit_windows(tokenizer: Any, cfg: PruneConfig) -> torch.Tensor:
     """The calibration windows of the layer-by-layer engine: ``refit_calibration`` of ``calibration``."""
     from .data import sample_mixture
 
-    count, length = parse_windows(cfg.refit_calibration)
+    count, length = parse_windows(cfg.refit_calibration or default_refit_calibration(tokenizer, cfg.calibration))
     seed = cfg.seed if cfg.activation_seed is None else cfg.activation_seed
     return sample_mixture(tokenizer, cfg.calibration, count, length, seed=seed)
+
+
+def default_refit_calibration(tokenizer: Any, sources: str, windows: WindowCounts | None = None) -> str:
+    """The refit windows when ``--refit-calibration`` is not given: REFIT_TOKENS tokens of ``sources`` in the
+    longest of REFIT_LENGTHS that they offer enough windows of. 128x128 suits wiki, news and squad, but
+    books' passages hold ~80 tokens (17 windows of 128), so its refit runs on 256x64."""
+    windows = windows or WindowCounts(tokenizer)
+    for length in REFIT_LENGTHS:
+        if windows.fits(sources, REFIT_TOKENS // length, length):
+            return f"{REFIT_TOKENS // length}x{length}"
+    lengths = ", ".join(map(str, REFIT_LENGTHS))
+    raise AdaPrunerError(
+        f"--calibration {sources} has too little text for the default refit windows ({REFIT_TOKENS:,} tokens in "
+        f"windows of {lengths} tokens): give a smaller --refit-calibration NxL or another --calibration"
+    )
+
+
+def check_calibration(tokenizer: Any, cfg: PruneConfig, samples_given: bool = False, refit: bool = True) -> PruneConfig:
+    """``cfg`` with its default refit windows chosen, once every calibration draw it will make fits its sources.
+
+    It needs only the tokenizer, so a source too small for the asked windows fails before the weights load
+    and the scoring runs, with a one-line error naming the option that fixes it. ``samples_given``: the
+    gradient samples come from a search's pool (``--from-run``), not from ``calibration``; ``refit=False``:
+    scores only (``importance``), no refit windows are drawn.
+    """
+    windows = WindowCounts(tokenizer)
+    if cfg.keep_counts is None:  # a per-layer allocation scores nothing: only its refit windows are drawn
+        fresh = cfg.fresh_activations()
+        if not samples_given and cfg.statistic_needs() - ({"activations"} if fresh else set()):
+            _check_draw(windows, cfg.calibration, cfg.num_samples, cfg.seq_len, None)
+        if fresh:
+            count, length = parse_windows(cfg.activation_calibration)
+            _check_draw(windows, cfg.calibration, count, length, "--activation-calibration")
+    if not refit or (cfg.keep_counts is None and not cfg.uses_local_engine):
+        return cfg
+    if cfg.refit_calibration is not None:
+        _check_draw(windows, cfg.calibration, *parse_windows(cfg.refit_calibration), "--refit-calibration")
+        return cfg
+    chosen = default_refit_calibration(tokenizer, cfg.calibration, windows)
+    log(f"refit windows: {chosen} of {cfg.calibration} (--refit-calibration NxL to change)")
+    return replace(cfg, refit_calibration=chosen)
+
+
+def _check_draw(windows: WindowCounts, sources: str, count: int, length: int, option: str | None) -> None:
+    """``count`` windows of ``length`` tokens of ``sources`` exist, or a one-line error that names the option
+    to change: ``option`` (an NxL option), or --num-samples/--seq-len for the gradient samples (None)."""
+    asked = f"{option} {count}x{length}" if option else f"--num-samples {count} x --seq-len {length}"
+    names = split_sources(sources)
+    if count < len(names):
+        raise AdaPrunerError(f"{asked} cannot cover the {len(names)} sources of --calibration: ask for more windows")
+    missing = windows.shortfall(sources, count, length)
+    if missing is None:
+        return
+    source, have, need = missing
+    shorter = [length // 2**k for k in range(1, length.bit_length()) if length // 2**k >= 2]
+    if option:  # as many tokens in shorter windows
+        sizes = [(count * length // n, n) for n in shorter]
+        fit = next((f"{c}x{n}" for c, n in sizes if windows.fits(sources, c, n)), None)
+        fix = f"give {option} {fit}" if fit else f"give a smaller {option}"
+    else:
+        fit = next((f"{n}" for n in shorter if windows.fits(sources, count, n)), None)
+        fix = f"use --seq-len {fit} or fewer --num-samples" if fit else "use fewer --num-samples or a shorter --seq-len"
+    raise AdaPrunerError(
+        f"source '{source}' has only {have} windows of {length} tokens in its calibration split and {asked} needs "
+        f"{need}: {fix}, or another --calibration"
+    )
 
 
 def run_local(
@@ -507,8 +581,11 @@ def prune(
     if output is not None:
         check_output_dir(Path(output), overwrite)
     timings: dict[str, float] = {}
+    with _timed(timings, "check"):  # the calibration sizes, before minutes of loading and scoring
+        tokenizer = load_tokenizer(model)
+        cfg = check_calibration(tokenizer, cfg, samples_given=searched is not None and searched["subset"] is not None)
     with _timed(timings, "load"):
-        hf_model, tokenizer = load_model(model, cfg.dtype, device_map)
+        hf_model = load_causal_lm(model, cfg.dtype, device_map)
     dense_shapes = get_adapter(hf_model).layer_shapes()
     if cfg.uniform:
         _check_uniform(get_adapter(hf_model), cfg)
@@ -532,7 +609,7 @@ def prune(
         if cfg.uniform:
             make_stock(get_adapter(hf_model))
     pruned_params = count_params(hf_model)
-    log(f"pruned: {rate_summary(plan, dense_shapes)}")
+    log(f"pruned: {rate_summary(plan, dense_shapes)}" + (f"; see adapruner info {output}" if output else ""))
     record = {
         "format": 1,
         "source_model": model,
@@ -579,7 +656,9 @@ def score_importance(
     """
     cfg = PruneConfig.from_method(model, ratio, **options)
     cfg.validate()
-    hf_model, tokenizer = load_model(model, cfg.dtype, device_map)
+    tokenizer = load_tokenizer(model)
+    check_calibration(tokenizer, cfg, refit=False)
+    hf_model = load_causal_lm(model, cfg.dtype, device_map)
     scores, budget = compute_scores(hf_model, tokenizer, cfg)
     plan, _ = plan_for_scores(hf_model, scores, budget, cfg)
     report = {
@@ -709,18 +788,19 @@ def compare(paths: list[str | Path] | tuple[str | Path, ...], *, reference: str 
 
 def finetune(
     model_dir: str | Path,
-    data: str | Path,
-    output: str | Path,
+    data: str | Path = "wiki,news,books,squad",
+    output: str | Path | None = None,
     *,
     overwrite: bool = False,
     checkpoint_dir: str | Path | None = None,
     **options: Any,
 ):
-    """LoRA recovery of a pruned model (LLM-Pruner's post-training), merged and saved like a pruned model.
+    """Recover a pruned model: distillation from its dense model (or LM loss), LoRA or every parameter.
 
-    ``options`` are the fields of :class:`adapruner.recovery.FinetuneConfig` (lora_r, lr, max_steps, ...);
-    ``data`` is ``alpaca``, a local Alpaca .json/.jsonl file or a text source. Returns a
-    :class:`adapruner.recovery.FinetuneResult`. Rerunning an interrupted call resumes from its checkpoint.
+    ``options`` are the fields of :class:`adapruner.recovery.FinetuneConfig` (loss, teacher, full, tokens,
+    lr, teacher_cache, ...); ``data`` is a text source or a comma-separated mix (default: the four offline
+    sources), ``alpaca`` or a local Alpaca .json/.jsonl file. The result is merged and saved like a pruned
+    model; returns a :class:`adapruner.recovery.FinetuneResult`. Rerunning an interrupted call resumes.
     """
     from .recovery import finetune as run_finetune
 

@@ -109,7 +109,11 @@ Refit = Annotated[
     ),
 ]
 RefitCalibration = Annotated[
-    str, typer.Option(help="Windows of --calibration the layer-by-layer engine (lsq, obs) runs on, NxL.")
+    str | None,
+    typer.Option(
+        help="Windows of --calibration the layer-by-layer engine (lsq, obs) runs on, NxL (default: 16,384 tokens "
+        "in the longest windows the text has enough of: 128x128, books 256x64)."
+    ),
 ]
 RefitDamping = Annotated[float, typer.Option(help="lsq/obs ridge: fraction of the mean diagonal of each Gram matrix.")]
 RefitBias = Annotated[bool, typer.Option(help="lsq/obs: refit a bias too (--no-refit-bias keeps the old one).")]
@@ -190,7 +194,7 @@ def prune(
         bool, typer.Option(help="FLAP's bias compensation: removed o_proj/down_proj inputs live on as a bias.")
     ] = False,
     refit: Refit = "none",
-    refit_calibration: RefitCalibration = "128x128",
+    refit_calibration: RefitCalibration = None,
     refit_damping: RefitDamping = 1e-3,
     refit_bias: RefitBias = True,
     obs_rounds: ObsRounds = 16,
@@ -479,61 +483,114 @@ def compare(
         write_text_atomic(output, table)
 
 
+def _finetune_defaults():
+    from .recovery.config import FinetuneConfig
+
+    return FinetuneConfig()
+
+
+_FT = _finetune_defaults()
+
+
 @app.command()
 @user_errors
 def finetune(
     model_dir: Annotated[Path, typer.Argument(help="A pruned model directory written by `adapruner prune`.")],
+    output: Annotated[Path, typer.Option(help="Directory for the recovered model (same format as a pruned one).")],
     data: Annotated[
         str,
         typer.Option(
-            help="alpaca (hub: yahma/alpaca-cleaned), an Alpaca .json/.jsonl file (instruction, input, output), "
-            "or text: wiki, news, books, squad, a .txt path."
+            help="Text source(s): wiki, news, books, squad, a .txt path, or a comma-separated mix (their "
+            "calibration splits); alpaca (hub) or an Alpaca .json/.jsonl file (instruction, input, output)."
         ),
-    ],
-    output: Annotated[Path, typer.Option(help="Directory for the merged model (same format as a pruned one).")],
-    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
-    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scaling alpha/r).")] = 16,
-    lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input.")] = 0.05,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (linear warmup, then linear decay).")] = 1e-4,
-    cutoff_len: Annotated[int, typer.Option(help="Tokens per example (instructions are truncated, text cut).")] = 256,
-    epochs: Annotated[float, typer.Option(help="Passes over the training data.")] = 2.0,
-    batch_size: Annotated[int, typer.Option(help="Examples per optimizer step, over all devices.")] = 64,
-    micro_batch_size: Annotated[int, typer.Option(help="Examples per forward pass and device.")] = 4,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 100,
+    ] = "wiki,news,books,squad",
+    loss: Annotated[str, typer.Option(help="kd (KL from the teacher), lm (next-token loss) or kd+lm.")] = _FT.loss,
+    teacher: Annotated[
+        str | None,
+        typer.Option(help="Dense model to distil from (default: the source_model the input records); 'none': LM loss."),
+    ] = None,
+    temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = _FT.temperature,
+    kd_weight: Annotated[float, typer.Option(help="kd+lm: weight of the KD term (LM gets 1 - it).")] = _FT.kd_weight,
+    hidden_loss: Annotated[
+        str | None, typer.Option(help="Also match hidden states: cosine or mse (needs the live teacher).")
+    ] = None,
+    hidden_layers: Annotated[
+        str, typer.Option(help="Layers whose outputs --hidden-loss matches: all, or indices like 3,7,-1.")
+    ] = _FT.hidden_layers,
+    hidden_weight: Annotated[float, typer.Option(help="Weight of the hidden-state term.")] = _FT.hidden_weight,
+    teacher_cache: Annotated[
+        str | None,
+        typer.Option(
+            help="Directory for the teacher's top-k logits: built once, shared by later runs on the same data."
+        ),
+    ] = None,
+    cache_top_k: Annotated[int, typer.Option(help="Logits kept per position in --teacher-cache.")] = _FT.cache_top_k,
+    full: Annotated[
+        bool, typer.Option("--full/--lora", help="Train every parameter (--full) or LoRA adapters (--lora).")
+    ] = _FT.full,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option(help="Recompute activations in the backward pass (less memory, ~30% slower).")
+    ] = _FT.gradient_checkpointing,
+    tokens: Annotated[
+        int | None, typer.Option(help="Training tokens (sets the steps; wins over --max-steps and --epochs).")
+    ] = None,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = _FT.lora_r,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scaling alpha/r).")] = _FT.lora_alpha,
+    lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input.")] = _FT.lora_dropout,
+    target_modules: Annotated[
+        str | None, typer.Option(help="LoRA on these projections only, e.g. q_proj,v_proj (default: all seven).")
+    ] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (after the warmup).")] = _FT.lr,
+    lr_scheduler: Annotated[str, typer.Option(help="After the warmup: linear, cosine or constant.")] = _FT.lr_scheduler,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = _FT.weight_decay,
+    cutoff_len: Annotated[
+        int, typer.Option(help="Tokens per example (instructions are truncated, text cut).")
+    ] = _FT.cutoff_len,
+    epochs: Annotated[float, typer.Option(help="Passes over the training data.")] = _FT.epochs,
+    batch_size: Annotated[int, typer.Option(help="Examples per optimizer step, over all devices.")] = _FT.batch_size,
+    micro_batch_size: Annotated[int, typer.Option(help="Examples per forward pass and device.")] = _FT.micro_batch_size,
+    warmup_steps: Annotated[
+        float, typer.Option(help="Linear warmup steps, or a fraction of the steps when below 1.")
+    ] = _FT.warmup_steps,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
     val_set_size: Annotated[
         int, typer.Option(help="Held-out instruction records, or validation-split text blocks (0: none).")
-    ] = 2000,
-    eval_steps: Annotated[int, typer.Option(help="Validate every N steps (and at the end).")] = 100,
-    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")] = 200,
-    logging_steps: Annotated[int, typer.Option(help="Log the training loss every N steps.")] = 10,
+    ] = _FT.val_set_size,
+    eval_steps: Annotated[int, typer.Option(help="Validate every N steps (and at the end).")] = _FT.eval_steps,
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")] = _FT.save_steps,
+    logging_steps: Annotated[int, typer.Option(help="Log the training loss every N steps.")] = _FT.logging_steps,
     train_on_inputs: Annotated[
         bool, typer.Option(help="Loss on the prompt too (--no-train-on-inputs: response only).")
-    ] = True,
+    ] = _FT.train_on_inputs,
     keep_adapter: Annotated[bool, typer.Option(help="Also save the unmerged adapter in OUTPUT/adapter/.")] = False,
     checkpoint_dir: Annotated[
         Path | None, typer.Option(help="Checkpoints for resuming (default: OUTPUT.work beside OUTPUT).")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed for the LoRA init, the validation split and data order.")] = 42,
+    seed: Annotated[int, typer.Option(help="Seed for the LoRA init, the validation split and data order.")] = _FT.seed,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
-    """LoRA-fine-tune a pruned model (LLM-Pruner's recovery), merge it and save; rerun to resume."""
+    """Recover a pruned model by distillation from its dense model (or LM loss), merge and save; rerun to resume."""
     from . import api
 
     options = {k: v for k, v in locals().items() if k not in {"model_dir", "data", "output", "overwrite", "api"}}
     checkpoint_dir = options.pop("checkpoint_dir")
+    if target_modules is not None:
+        options["target_modules"] = _split(target_modules)
     result = api.finetune(model_dir, data, output, overwrite=overwrite, checkpoint_dir=checkpoint_dir, **options)
     if result.output is None:  # a data-parallel worker; rank 0 reports
         return
     rec = result.record["finetune"]
-    table = Table(title=f"fine-tuned {model_dir} on {data} -> {output}")
-    for col in ("steps", "train loss", "val loss", "s/step", "time (s)"):
+    table = Table(title=f"recovered {model_dir} on {data} -> {output}")
+    for col in ("mode", "loss", "steps", "tokens", "train loss", "val LM loss", "tokens/s", "time (s)"):
         table.add_column(col, justify="right")
     table.add_row(
+        rec["method"],
+        rec["loss"],
         str(rec["steps"]),
+        f"{rec['tokens']:,}",
         f"{rec['train_loss']:.4f}" if rec["train_loss"] is not None else "-",
         f"{rec['val_loss']:.4f}" if rec["val_loss"] is not None else "-",
-        f"{rec['seconds_per_step']:.2f}" if rec["seconds_per_step"] is not None else "-",
+        f"{rec['tokens_per_s']:.0f}" if rec["tokens_per_s"] is not None else "-",
         f"{sum(result.timings.values()):.1f}",
     )
     out.print(table)
@@ -575,10 +632,14 @@ def run_pipeline(
     trials: Annotated[int | None, typer.Option(help="Search trials (default 20).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file holding any RunConfig option; flags win.")] = None,
     finetune_data: Annotated[
-        str | None, typer.Option(help="LoRA data: alpaca, a .json/.jsonl file or a text source (default wiki).")
+        str | None,
+        typer.Option(help="Recovery text: sources joined by commas (default wiki,news,books,squad), alpaca, a file."),
     ] = None,
-    no_finetune: Annotated[bool, typer.Option("--no-finetune", help="Skip LoRA recovery.")] = False,
-    max_steps: Annotated[int | None, typer.Option(help="LoRA optimizer steps (default: 2 epochs).")] = None,
+    no_finetune: Annotated[bool, typer.Option("--no-finetune", help="Skip the recovery stage.")] = False,
+    max_steps: Annotated[int | None, typer.Option(help="Recovery optimizer steps (default: 2 epochs).")] = None,
+    finetune_tokens: Annotated[
+        int | None, typer.Option(help="Recovery training tokens per model (wins over --max-steps).")
+    ] = None,
     tasks: Annotated[str | None, typer.Option(help="Zero-shot tasks (default: the seven); '' for none.")] = None,
     limit: Annotated[int | None, typer.Option(help="Documents per zero-shot task (default: all).")] = None,
     baseline: Annotated[
@@ -587,7 +648,7 @@ def run_pipeline(
     seed: Annotated[int | None, typer.Option(help="Search seed.")] = None,
     uniform: Uniform = False,
 ) -> None:
-    """Search -> prune -> LoRA -> evaluate (dense, LLM-Pruner recipe, AdaPruner), with a report."""
+    """Search -> prune -> recover (distillation) -> evaluate (dense, LLM-Pruner recipe, AdaPruner), with a report."""
     from .pipeline import load_run_config, run
 
     cfg = load_run_config(
@@ -606,6 +667,9 @@ def run_pipeline(
         cfg.finetune_data = None
     if max_steps is not None:
         cfg.finetune = cfg.finetune | {"max_steps": max_steps}
+    if finetune_tokens is not None:
+        cfg.finetune = cfg.finetune | {"tokens": finetune_tokens}
+        cfg.baseline_finetune = cfg.baseline_finetune | {"tokens": finetune_tokens}
     run(cfg, output)
     print((output / "report.md").read_text())  # plain: the markdown holds [..] that rich would read as markup
 

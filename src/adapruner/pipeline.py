@@ -1,9 +1,10 @@
-"""``adapruner run``: search -> prune -> LoRA recovery -> evaluation, one command, resumable by stage.
+"""``adapruner run``: search -> prune -> recovery -> evaluation, one command, resumable by stage.
 
 Every stage writes its result atomically into the run directory, so a finished stage is recognised by
 its output alone and a rerun skips it (the search stage is itself an Optuna study that continues).
 ``stages.json`` keeps the wall time of each stage. With ``baseline`` on (the default) LLM-Pruner's
-recipe is pruned, recovered and evaluated the same way, so the final table shows what the search won.
+recipe is pruned and evaluated the same way and recovered with LLM-Pruner's own LoRA (``baseline_finetune``
+over ``finetune``), so the final table compares the two pipelines end to end.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .util import log, read_options_file
 
 SEVEN_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 RECIPE = {"metric": "element1", "aggregation": "sum", "num_samples": 10, "seq_len": 64}
+BASELINE_RECOVERY = {"loss": "lm", "full": False}  # LLM-Pruner's: LM loss, LoRA
 
 
 @dataclass
@@ -44,8 +46,9 @@ class RunConfig:
     pruner: str = "percentile"
     baseline: bool = True  # also prune/recover/evaluate LLM-Pruner's recipe
     baseline_calibration: str = "books"  # LLM-Pruner's calibration text
-    finetune_data: str | None = "wiki"  # None: no recovery stage
-    finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields, e.g. max_steps
+    finetune_data: str | None = "wiki,news,books,squad"  # recovery text; None: no recovery stage
+    finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields, e.g. tokens
+    baseline_finetune: dict[str, Any] = field(default_factory=lambda: dict(BASELINE_RECOVERY))  # over `finetune`
     ppl: list[str] = field(default_factory=lambda: ["wiki", "news", "books", "squad"])
     seq_len: list[int] = field(default_factory=lambda: [128])
     eval_tokens: int | None = 40_960
@@ -55,7 +58,7 @@ class RunConfig:
 
     def validate(self) -> None:
         from .pruning.plan import Budget
-        from .recovery.lora import FinetuneConfig
+        from .recovery.config import FinetuneConfig
 
         Budget(self.ratio)
         if self.trials < 1:
@@ -67,12 +70,17 @@ class RunConfig:
             raise AdaPrunerError(f"unknown objective '{self.objective}': choose one of {', '.join(SCORES)}")
         try:
             FinetuneConfig(**self.finetune).validate()
+            FinetuneConfig(**self.recovery_options(baseline=True)).validate()
         except TypeError as exc:
             raise AdaPrunerError(f"unknown fine-tuning option in the run config: {exc}") from None
         if self.tasks:
             from .evaluation.zeroshot import check_request
 
             check_request(self.tasks, self.limit)
+
+    def recovery_options(self, baseline: bool) -> dict[str, Any]:
+        """FinetuneConfig options of a model's recovery: the baseline's own over the shared ones."""
+        return self.finetune | (self.baseline_finetune if baseline else {})
 
     def space(self) -> Any:
         """The SearchSpace: ``search_space`` fields, with ``uniform`` on if the run is uniform."""
@@ -120,7 +128,7 @@ class Stages:
 def run(cfg: RunConfig, output: str | Path) -> dict[str, Any]:
     """The whole AdaPruner pipeline into ``output``; returns the paths of the evaluation files."""
     from . import api
-    from .recovery.lora import finetune
+    from .recovery import finetune
     from .search import search
 
     run_dir = Path(output)
@@ -171,20 +179,33 @@ def run(cfg: RunConfig, output: str | Path) -> dict[str, Any]:
     if cfg.finetune_data:
         for label in [k for k in models if k != "dense"]:
             source = Path(models[label])
-            target = source.with_name(f"{source.name}-lora")
+            options = cfg.recovery_options(baseline=label != "AdaPruner")
+            name = recovery_label(options)
+            target = source.with_name(f"{source.name}-{_slug(name)}")
             stages.run(
                 f"finetune {source.name}",
                 target,
-                lambda s=source, t=target: finetune(s, cfg.finetune_data, t, **cfg.finetune),
+                lambda s=source, t=target, o=options: finetune(s, cfg.finetune_data, t, **o),
             )
-            models[f"{label} + LoRA"] = str(target)
+            models[f"{label} + {name}"] = str(target)
     evaluations = {}
     for label, location in models.items():
         path = run_dir / "eval" / f"{_slug(label)}.json"
         stages.run(f"evaluate {label}", path, lambda loc=location, p=path, lb=label: _evaluate(cfg, loc, p, lb))
         evaluations[label] = str(path)
-    write_report(run_dir, cfg, evaluations, stages.times)
+    write_report(run_dir, cfg, evaluations, stages.times, models)
     return evaluations
+
+
+def recovery_label(options: dict[str, Any]) -> str:
+    """How a recovered model is named in the report: LoRA (LM loss, LLM-Pruner's), KD, KD-LoRA, KD+LM..."""
+    from .recovery.config import FinetuneConfig
+
+    cfg = FinetuneConfig(**options)
+    if cfg.loss == "lm" or cfg.teacher == "none":
+        return "full LM" if cfg.full else "LoRA"
+    name = {"kd": "KD", "kd+lm": "KD+LM"}[cfg.loss]
+    return name if cfg.full else f"{name}-LoRA"
 
 
 def _search_stage(stages: Stages, search_dir: Path, cfg: RunConfig, action) -> None:
@@ -218,7 +239,9 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-").replace("--", "-")
 
 
-def write_report(run_dir: Path, cfg: RunConfig, evaluations: dict[str, str], times: dict[str, float]) -> None:
+def write_report(
+    run_dir: Path, cfg: RunConfig, evaluations: dict[str, str], times: dict[str, float], models: dict[str, str]
+) -> None:
     """``report.md`` and a self-contained ``report.html``: comparison, stage times, search plots."""
     from .api import compare
 
@@ -228,7 +251,7 @@ def write_report(run_dir: Path, cfg: RunConfig, evaluations: dict[str, str], tim
         f"# AdaPruner run: {cfg.model} at ratio {cfg.ratio}",
         "",
         f"Search: {cfg.trials} trials ({cfg.sampler}, seed {cfg.seed}); recovery: "
-        + (f"LoRA on `{cfg.finetune_data}` {cfg.finetune or '(LLM-Pruner defaults)'}" if cfg.finetune_data else "none")
+        + (_recovery_text(cfg) if cfg.finetune_data else "none")
         + f"; zero-shot limit: {cfg.limit or 'all documents'}.",
         "",
         "## Results (retention in % of the dense model)",
@@ -241,7 +264,7 @@ def write_report(run_dir: Path, cfg: RunConfig, evaluations: dict[str, str], tim
     for label in evaluations:
         if label == "dense":
             continue
-        record = _record(run_dir, label)
+        record = _record(Path(models[label]))
         if record:
             params = record["params"]
             lines.append(
@@ -256,11 +279,16 @@ def write_report(run_dir: Path, cfg: RunConfig, evaluations: dict[str, str], tim
     write_text_atomic(run_dir / "report.html", _html(markdown, search_dir))
 
 
-def _record(run_dir: Path, label: str) -> dict | None:
-    name = {"LLM-Pruner recipe": "llm-pruner", "AdaPruner": "adapruner"}.get(label.replace(" + LoRA", ""))
-    if name is None:
-        return None
-    directory = run_dir / (f"{name}-lora" if label.endswith("+ LoRA") else name)
+def _recovery_text(cfg: RunConfig) -> str:
+    adapruner = cfg.recovery_options(baseline=False)
+    text = f"on `{cfg.finetune_data}`, AdaPruner: {recovery_label(adapruner)} {adapruner or '(defaults)'}"
+    if cfg.baseline:
+        baseline = cfg.recovery_options(baseline=True)
+        text += f", LLM-Pruner recipe: {recovery_label(baseline)} {baseline}"
+    return text
+
+
+def _record(directory: Path) -> dict | None:
     try:
         return read_record(directory)
     except AdaPrunerError:

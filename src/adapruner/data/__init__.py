@@ -1,6 +1,7 @@
 """Text sources (offline, hub, local files) and the token tensors built from them."""
 
 from adapruner.data.calibration import (
+    WindowCounts,
     mixture_counts,
     sample_calibration,
     sample_mixture,
@@ -22,6 +23,7 @@ __all__ = [
     "OFFLINE_SOURCES",
     "SOURCES",
     "SPLITS",
+    "WindowCounts",
     "available_sources",
     "load_documents",
     "mixture_counts",

@@ -62,6 +62,36 @@ def mixture_counts(sources: str | list[str], num_samples: int) -> list[tuple[str
     return [(name, share + (i < extra)) for i, name in enumerate(names)]
 
 
+class WindowCounts:
+    """How many ``sample_calibration`` windows each source offers, from its calibration split tokenized once.
+
+    It needs only the tokenizer, so a prune can check every draw before loading the weights: a source too
+    small for the asked windows would otherwise fail only after the model is loaded and scored.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self._lengths: dict[str, list[int]] = {}
+
+    def available(self, source: str, seq_len: int) -> int:
+        """Non-overlapping ``seq_len`` windows of the calibration split (windows never span two documents)."""
+        if source not in self._lengths:
+            documents = _encode(self.tokenizer, load_documents(source, "calibration"))
+            self._lengths[source] = [len(ids) for ids in documents]
+        return sum(length // seq_len for length in self._lengths[source])
+
+    def shortfall(self, sources: str | list[str], num_samples: int, seq_len: int) -> tuple[str, int, int] | None:
+        """The first source that cannot give its share of ``num_samples`` windows: (source, has, needs)."""
+        for name, share in mixture_counts(sources, num_samples):
+            have = self.available(name, seq_len)
+            if have < share:
+                return name, have, share
+        return None
+
+    def fits(self, sources: str | list[str], num_samples: int, seq_len: int) -> bool:
+        return len(split_sources(sources)) <= num_samples and self.shortfall(sources, num_samples, seq_len) is None
+
+
 def token_stream(
     tokenizer: PreTrainedTokenizerBase, source: str, split: str, max_tokens: int | None = None
 ) -> torch.LongTensor:

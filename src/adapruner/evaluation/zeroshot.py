@@ -16,6 +16,8 @@ hub; the BoolQ hub copy is SuperGLUE's, the other files are the same data).
 The average over tasks uses, per task, the metric LLM-Pruner reports: ``acc`` for BoolQ and
 WinoGrande (lm-eval has no ``acc_norm`` for them), ``acc_norm`` for the other five (lm-eval's
 ``acc_norm``: the choice with the highest log-likelihood divided by its length in characters).
+Every accuracy keeps lm-eval's standard error (``acc_stderr`` / ``acc_norm_stderr``) and the average
+gets one too (:func:`average_stderr`), so a comparison can tell a difference from noise.
 """
 
 from __future__ import annotations
@@ -172,7 +174,7 @@ def zero_shot(
     return, per task, each document's target and per-choice log-likelihoods.
 
     Returns ``{"tasks": {task: {"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr"], "metric",
-    "documents"}}, "average", "average_metric": {task: metric}, "settings": {...}}``.
+    "documents"}}, "average", "average_stderr", "average_metric": {task: metric}, "settings": {...}}``.
     """
     names = check_request(tasks, limit, source)
     if batch_size < 1:
@@ -245,6 +247,7 @@ def _summarise(
     return {
         "tasks": per_task,
         "average": average,
+        "average_stderr": average_stderr(per_task, average_metric),
         "average_metric": average_metric,
         "settings": {
             "source": source,
@@ -258,6 +261,18 @@ def _summarise(
             "data": fingerprints,
         },
     }
+
+
+def average_stderr(tasks: dict[str, dict[str, Any]], average_metric: dict[str, str]) -> float | None:
+    """Standard error of the unweighted average over tasks: ``sqrt(sum(se_task ** 2)) / n_tasks``.
+
+    Treats the tasks as independent (separate documents, so no covariance term). None when a task has
+    no standard error of its averaged metric (lm-eval's "N/A", or a file written before they were kept).
+    """
+    errors = [tasks.get(task, {}).get(f"{metric}_stderr") for task, metric in average_metric.items()]
+    if not errors or any(not isinstance(se, (int, float)) for se in errors):
+        return None
+    return sum(se * se for se in errors) ** 0.5 / len(errors)
 
 
 def _version_of(package: str) -> str | None:

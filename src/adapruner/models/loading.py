@@ -77,6 +77,18 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", device_map: str | 
     return model_class.from_pretrained(location, **kwargs).eval()
 
 
+def load_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer alone, after the checks that need no weights (location, config, family).
+
+    ``prune`` checks its calibration windows with it before loading the weights (fail fast).
+    """
+    from transformers import AutoTokenizer
+
+    location = resolve_location(name_or_path)
+    adapter_class_for(_load_config(location).model_type)
+    return AutoTokenizer.from_pretrained(location)
+
+
 def load_model(
     name_or_path: str, dtype: str = "float32", device_map: str | dict | None = None
 ) -> tuple[torch.nn.Module, Any]:

@@ -434,16 +434,30 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 def rate_summary(plan: PrunePlan, dense: list[LayerShape]) -> str:
-    """Short human summary, e.g. ``heads 9->6, channels 1536->1075 in layers 4:28``."""
-    changed = [i for i, (a, b) in enumerate(zip(plan.shapes(), dense, strict=True)) if a != b]
+    """One line over every layer: kept / dense totals of query heads, KV heads and MLP channels, the per-layer
+    range, and how many layers changed, e.g. ``heads 270/405 kept (3-9 per layer), kv heads 90/135 (3 per
+    layer), channels 12,345/46,080 (170-1,536 per layer) in 29 of 30 layers``.
+
+    Layers differ under a global ranking, a depth profile or OBS, so no single layer describes the cut.
+    """
+    kept = plan.shapes()
+    changed = sum(k != d for k, d in zip(kept, dense, strict=True))
     if not changed:
         return "nothing removed"
-    s, d = plan.shapes()[changed[0]], dense[changed[0]]
-    return (
-        f"heads {d.num_attention_heads}->{s.num_attention_heads} (kv {d.num_key_value_heads}->"
-        f"{s.num_key_value_heads}), channels {d.intermediate_size}->{s.intermediate_size} "
-        f"in {len(changed)} layers ({changed[0]}..{changed[-1]})"
-    )
+
+    def part(name: str, field_name: str, suffix: str = "") -> str:
+        counts = [getattr(shape, field_name) for shape in kept]
+        total = sum(getattr(shape, field_name) for shape in dense)
+        low, high = min(counts), max(counts)
+        spread = f"{low:,}" if low == high else f"{low:,}-{high:,}"
+        return f"{name} {sum(counts):,}/{total:,}{suffix} ({spread} per layer)"
+
+    parts = [
+        part("heads", "num_attention_heads", " kept"),
+        part("kv heads", "num_key_value_heads"),
+        part("channels", "intermediate_size"),
+    ]
+    return f"{', '.join(parts)} in {changed} of {len(dense)} layers"
 
 
 __all__ = [
@@ -458,5 +472,6 @@ __all__ = [
     "parse_layer_range",
     "plan_from_scores",
     "planned_param_count",
+    "rate_summary",
     "solve_keep_counts",
 ]

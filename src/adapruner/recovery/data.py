@@ -7,9 +7,10 @@
 * a local ``.json`` file (a list of records) or ``.jsonl`` file (one record a line) in Alpaca format:
   ``instruction``, ``output`` and, optionally, ``input``;
 * plain text: an AdaPruner text source (``wiki``, ``news``, ``books``, ``squad``, the hub sources, a
-  ``.txt`` file or a ``.jsonl`` file whose records have a ``text`` field). Training uses the source's
-  calibration split, validation its validation split, so the test split used by ``adapruner evaluate``
-  is never trained on.
+  ``.txt`` file or a ``.jsonl`` file whose records have a ``text`` field), or several joined by commas
+  (``wiki,news,books,squad``, the default: every source's blocks, shuffled together by the Trainer).
+  Training uses each source's calibration split, validation its validation split (taken from the
+  sources in turn), so the test split used by ``adapruner evaluate`` is never trained on.
 
 Instructions go through LLM-Pruner's (Alpaca-LoRA's) prompt template, one example per record, truncated to
 ``cutoff_len`` tokens with EOS appended. Text is tokenized document by document (EOS between documents),
@@ -73,6 +74,12 @@ class TrainingData:
     val: ExampleDataset | None
     fingerprint: str  # of the raw records/documents, so a record says exactly what was trained on
     details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_example(self) -> float:
+        """Mean tokens of a training example (text blocks: exactly the block length)."""
+        examples = self.train.examples
+        return sum(len(e["input_ids"]) for e in examples) / max(len(examples), 1)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -276,19 +283,43 @@ def _instruction_data(
 def _text_data(source: str, tokenizer: Any, cutoff_len: int, val_set_size: int) -> TrainingData:
     from ..data.sources import load_documents
 
-    train_docs = load_documents(source, "calibration")
-    val_docs = load_documents(source, "validation") if val_set_size > 0 else []
-    train = text_blocks(tokenizer, train_docs, cutoff_len)
-    if not train:
-        raise AdaPrunerError(
-            f"source '{source}' gives fewer than {cutoff_len} training tokens: use more text or a smaller --cutoff-len"
-        )
-    val = text_blocks(tokenizer, val_docs, cutoff_len)[:val_set_size]
+    names = [part.strip() for part in source.split(",") if part.strip()]
+    if not names:
+        raise AdaPrunerError("--data is empty: name a text source such as wiki, or wiki,news,books,squad")
+    train: list[dict[str, list[int]]] = []
+    val_parts: list[list[dict[str, list[int]]]] = []
+    documents: list[list[str]] = []
+    counts: dict[str, int] = {}
+    for name in names:
+        train_docs = load_documents(name, "calibration")
+        val_docs = load_documents(name, "validation") if val_set_size > 0 else []
+        blocks = text_blocks(tokenizer, train_docs, cutoff_len)
+        if not blocks:
+            raise AdaPrunerError(
+                f"source '{name}' has fewer than {cutoff_len} training tokens: use more text or a smaller --cutoff-len"
+            )
+        train += blocks
+        counts[name] = len(blocks)
+        val_parts.append(text_blocks(tokenizer, val_docs, cutoff_len))
+        documents += [train_docs, val_docs]
+    val = _in_turn(val_parts)[:val_set_size]
     return TrainingData(
-        source=source,
+        source=",".join(names),
         kind="text",
         train=ExampleDataset(train),
         val=ExampleDataset(val) if val else None,
-        fingerprint=_fingerprint([train_docs, val_docs]),
-        details={"splits": {"train": "calibration", "val": "validation"}, "block_tokens": cutoff_len},
+        fingerprint=_fingerprint(documents),
+        details={
+            "splits": {"train": "calibration", "val": "validation"},
+            "block_tokens": cutoff_len,
+            "train_blocks": counts,
+        },
     )
+
+
+def _in_turn(parts: list[list[Any]]) -> list[Any]:
+    """One item of each list in turn, so a cap on the total takes from every source alike."""
+    merged = []
+    for index in range(max((len(p) for p in parts), default=0)):
+        merged += [part[index] for part in parts if index < len(part)]
+    return merged

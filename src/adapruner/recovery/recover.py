@@ -1,0 +1,391 @@
+"""``adapruner finetune``: recover a pruned model by distillation from its dense model or by LM loss.
+
+The student is the pruned directory; the teacher, by default, the dense model it records as
+``source_model``. LoRA adapters (merged at the end) or every parameter (``full``) train in one loop,
+:mod:`adapruner.recovery.trainer`. The result is saved exactly like a pruned model: same per-layer
+sizes, modeling file and tokenizer, and the input's ``adapruner.json`` extended with a ``finetune``
+record (loss, teacher, tokens, temperature, mode, seconds).
+
+Checkpoints (weights or adapter, optimizer, scheduler, RNG) go to a work directory beside the output
+(``OUTPUT.work`` unless ``checkpoint_dir`` says otherwise); running the same command again resumes from
+the last one, and the work directory is removed once the output is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import AdaPrunerError
+from ..models.loading import load_causal_lm, resolve_location
+from ..pruning.io import atomic_output_dir, check_output_dir, read_record, save_pruned, write_json_atomic
+from ..util import log
+from .config import DEFAULT_DATA, FinetuneConfig
+from .data import TrainingData, load_training_data
+from .distill import Teacher, load_teacher, open_cache, parse_hidden_layers, teacher_name
+from .lora import add_lora, chosen_targets, is_lora, merged, trainable_parameters
+from .trainer import CachedExamples, build_trainer
+
+WORK_MARKER = "adapruner-finetune.json"
+ADAPTER_DIR = "adapter"
+# Settings that may change between an interrupted run and its resumption.
+RESUMABLE_CHANGES = ("max_steps", "tokens", "save_steps", "eval_steps", "logging_steps", "keep_adapter")
+CACHE_WAIT_SECONDS = 24 * 3600  # data-parallel workers wait this long for rank 0's teacher cache
+
+
+@dataclass
+class FinetuneResult:
+    model: torch.nn.Module  # the merged model
+    tokenizer: Any
+    record: dict
+    output: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _precision() -> str:
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _versions() -> dict[str, str]:
+    import peft
+
+    from ..util import versions as base_versions
+
+    return base_versions() | {"peft": peft.__version__}
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+
+def _run_identity(model_dir: Path, data: TrainingData, cfg: FinetuneConfig, targets: list[str], teacher: str | None):
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
+    identity = {
+        "model_dir": str(model_dir),
+        "data": data.source,
+        "data_fingerprint": data.fingerprint,
+        "config": settings | {"target_modules": targets},
+        "teacher": teacher,
+        "world_size": _world_size(),
+    }
+    return json.loads(json.dumps(identity))  # as it reads back from the marker file
+
+
+def _prepare_work_dir(work: Path, identity: dict) -> str | None:
+    """Check ``work`` belongs to this fine-tune; the last checkpoint to resume from, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    marker = work / WORK_MARKER
+    if marker.is_file():
+        try:
+            previous = json.loads(marker.read_text())
+        except json.JSONDecodeError:
+            previous = None
+        if previous != identity:
+            diff = sorted(k for k in identity if previous.get(k) != identity[k]) if isinstance(previous, dict) else []
+            raise AdaPrunerError(
+                f"checkpoint directory {work} holds another fine-tune (different {', '.join(diff) or 'settings'}): "
+                "remove it to start over, or pass another --checkpoint-dir"
+            )
+    elif work.is_dir() and any(p.name.startswith("checkpoint-") for p in work.iterdir()):
+        raise AdaPrunerError(
+            f"checkpoint directory {work} holds checkpoints not written by `adapruner finetune`: "
+            "remove it or pass another --checkpoint-dir"
+        )
+    last = get_last_checkpoint(str(work)) if work.is_dir() else None
+    if _is_main_process():
+        write_json_atomic(marker, identity)
+    return last
+
+
+def _remove_work_dir(work: Path) -> None:
+    """Remove our checkpoints and marker; the directory itself only if nothing else is left in it."""
+    if not work.is_dir():
+        return
+    for path in work.iterdir():
+        if path.name.startswith("checkpoint-") and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+    (work / WORK_MARKER).unlink(missing_ok=True)
+    if not any(work.iterdir()):
+        work.rmdir()
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+
+
+def _check_input(model_dir: str | Path) -> tuple[Path, dict]:
+    location = Path(resolve_location(str(model_dir)))
+    try:
+        record = read_record(location)
+    except AdaPrunerError as exc:
+        raise AdaPrunerError(f"{exc}: fine-tune a directory written by `adapruner prune`") from None
+    return location.resolve(), record
+
+
+def _saved_dtype(model_dir: Path) -> torch.dtype | None:
+    config = json.loads((model_dir / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
+
+
+def _effective_loss(cfg: FinetuneConfig, teacher: str | None) -> str:
+    """``kd``/``kd+lm`` need a teacher; ``--teacher none`` falls back to LM loss."""
+    if teacher is not None or not cfg.distils:
+        return cfg.loss
+    if cfg.teacher is None:  # no source_model in the record
+        raise AdaPrunerError(
+            f"--loss {cfg.loss}: the input records no dense model to distil from: pass --teacher DIR or --teacher none"
+        )
+    log(f"--teacher none: LM loss instead of {cfg.loss}")
+    return "lm"
+
+
+def _teacher_dtype() -> str:
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+
+
+def _prepare_teacher(cfg: FinetuneConfig, name: str, tokenizer: Any, config: Any, dataset: TrainingData):
+    """The live teacher, or the teacher cache (built here if incomplete, the teacher freed afterwards)."""
+    if cfg.teacher_cache is None:
+        return load_teacher(name, tokenizer, config, dtype=_teacher_dtype()), None
+    teacher = load_teacher(name, tokenizer, config, load_weights=False)
+    cache = open_cache(Path(cfg.teacher_cache), teacher, dataset.train.examples, cfg.cache_top_k, cfg.temperature)
+    cache.check()
+    if cache.missing_shards():
+        if _is_main_process():
+            _build_cache(cache, teacher, cfg, dataset.train.examples)
+        else:
+            _wait_for(cache)
+    return Teacher(teacher.name, teacher.location, None, teacher.tokenizer_fingerprint, teacher.vocab_size, 0), cache
+
+
+def _build_cache(cache, teacher: Teacher, cfg: FinetuneConfig, examples: list) -> None:
+    model = load_causal_lm(teacher.location, _teacher_dtype())
+    if torch.cuda.is_available():
+        model.to("cuda")
+    log(f"teacher cache: running {teacher.name} over {cache.windows} windows (top {cfg.cache_top_k})")
+    cache.build(model, examples, batch_size=cfg.micro_batch_size)
+    del model
+    gc.collect()
+
+
+def _wait_for(cache) -> None:
+    deadline = time.monotonic() + CACHE_WAIT_SECONDS
+    while cache.missing_shards():
+        if time.monotonic() > deadline:
+            raise AdaPrunerError(f"teacher cache {cache.directory} was not completed by rank 0: rerun")
+        time.sleep(5)
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+def finetune(
+    model_dir: str | Path,
+    data: str | Path = DEFAULT_DATA,
+    output: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    **options: Any,
+) -> FinetuneResult:
+    """Recover the pruned model in ``model_dir`` on ``data`` and save the merged result to ``output``.
+
+    ``options`` are the fields of :class:`FinetuneConfig` (loss, teacher, full, tokens, lr, ...). ``data``
+    is a text source or a comma-separated mix of them (default: the four offline sources' calibration
+    splits), ``alpaca`` (the hub's yahma/alpaca-cleaned) or a local Alpaca .json/.jsonl file.
+    """
+    from transformers import AutoConfig, AutoTokenizer, set_seed
+
+    if output is None:
+        raise AdaPrunerError("give --output, the directory for the recovered model")
+    start = time.perf_counter()
+    options = dict(options)
+    if options.get("target_modules") is not None:
+        options["target_modules"] = tuple(options["target_modules"])
+    for name in ("teacher", "teacher_cache"):  # paths are recorded as text
+        if options.get(name) is not None:
+            options[name] = str(options[name])
+    cfg = FinetuneConfig(**options)
+    cfg.validate()
+    location, record = _check_input(model_dir)
+    output = Path(output)
+    if output.resolve() == location:
+        raise AdaPrunerError(f"--output {output} is the input model: choose another directory")
+    check_output_dir(output, overwrite)
+    timings: dict[str, float] = {}
+
+    tokenizer = AutoTokenizer.from_pretrained(str(location))
+    train_tokenizer = copy.deepcopy(tokenizer)
+    if train_tokenizer.pad_token is None:
+        train_tokenizer.pad_token = train_tokenizer.eos_token
+    train_tokenizer.padding_side = "right"
+    dataset = load_training_data(  # before the weights load, so bad data fails fast
+        str(data),
+        train_tokenizer,
+        cutoff_len=cfg.cutoff_len,
+        val_set_size=cfg.val_set_size,
+        train_on_inputs=cfg.train_on_inputs,
+        seed=cfg.seed,
+    )
+    student_config = AutoConfig.from_pretrained(str(location))
+    teacher_id = teacher_name(cfg.teacher, record) if (cfg.distils or cfg.hidden_loss) else None
+    loss = _effective_loss(cfg, teacher_id)
+    if cfg.hidden_loss and teacher_id is None:
+        raise AdaPrunerError("--hidden-loss needs a teacher: drop --teacher none or --hidden-loss")
+    hidden = parse_hidden_layers(cfg.hidden_layers, student_config.num_hidden_layers) if cfg.hidden_loss else []
+    world = _world_size()
+    steps = cfg.steps(dataset.tokens_per_example, world)
+    teacher, cache = (None, None)
+    if teacher_id is not None:
+        teacher, cache = _prepare_teacher(cfg, teacher_id, tokenizer, student_config, dataset)
+    timings["teacher"] = round(time.perf_counter() - start, 2)
+
+    model = load_causal_lm(str(location))
+    targets = chosen_targets(model, cfg)
+    timings["load"] = round(time.perf_counter() - start - timings["teacher"], 2)
+    log(
+        f"data {dataset.source}: {len(dataset.train)} training and {len(dataset.val or [])} validation "
+        f"examples ({dataset.kind}, {dataset.tokens_per_example:.0f} tokens each)"
+    )
+    work = Path(checkpoint_dir) if checkpoint_dir is not None else output.with_name(f"{output.name}.work")
+    teacher_location = teacher.location if teacher is not None else None
+    resume = _prepare_work_dir(work, _run_identity(location, dataset, cfg, targets, teacher_location))
+    if resume:
+        log(f"resuming from {resume}")
+
+    set_seed(cfg.seed)  # the LoRA initialisation
+    if not cfg.full:
+        model = add_lora(model, cfg, targets, location)
+    trainable, total = trainable_parameters(model)
+    precision = _precision()
+    mode = "every parameter" if cfg.full else f"LoRA r={cfg.lora_r} on {', '.join(targets)}"
+    source = f"teacher {teacher.name}" + (f" (cache {cfg.teacher_cache})" if cache else "") if teacher else "no teacher"
+    log(f"{loss} loss, {source}; {mode}: {trainable:,} trainable of {total:,} parameters ({precision})")
+
+    train_set = CachedExamples(dataset.train, cache) if cache is not None else dataset.train
+    trainer = build_trainer(
+        model,
+        dataset,
+        train_set,
+        cfg,
+        work=work,
+        precision=precision,
+        pad_token_id=train_tokenizer.pad_token_id,
+        max_steps=steps,
+        world_size=world,
+        loss=loss,
+        teacher=teacher.model if teacher is not None else None,
+        hidden_layers=hidden,
+    )
+    train_start = time.perf_counter()
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    timings["train"] = round(time.perf_counter() - train_start, 2)
+    finetune_record = _record(trainer, train_output, cfg, dataset, location, resume, timings, world)
+    finetune_record |= {
+        "method": "full" if cfg.full else "lora",
+        "loss": loss,
+        "teacher": teacher_location,
+        "teacher_cache": str(cfg.teacher_cache) if cache is not None else None,
+        "temperature": cfg.temperature if loss != "lm" else None,
+        "hidden_loss": cfg.hidden_loss,
+        "trainable_params": trainable,
+        "precision": precision,
+        "config": asdict(cfg) | {"target_modules": targets},
+    }
+    if not trainer.is_world_process_zero():  # data-parallel workers: rank 0 writes the result
+        return FinetuneResult(model, tokenizer, {}, None, timings)
+
+    new_record = dict(record)
+    if "finetune" in record:
+        new_record["finetune_history"] = [*record.get("finetune_history", []), record["finetune"]]
+    new_record["finetune"] = finetune_record
+    finetune_record["seconds"] = round(time.perf_counter() - start, 2)  # load + train, without the save
+    save_start = time.perf_counter()
+    result_model = _merge_and_save(model, tokenizer, new_record, output, overwrite, location, cfg.keep_adapter)
+    timings["save"] = round(time.perf_counter() - save_start, 2)
+    _remove_work_dir(work)
+    log(f"recovered model written to {output}")
+    return FinetuneResult(result_model, tokenizer, new_record, output, timings)
+
+
+def _record(trainer, train_output, cfg, dataset, location, resume, timings, world) -> dict[str, Any]:
+    state = trainer.state
+    resumed_step = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0
+    steps_run = state.global_step - resumed_step
+    losses = [{"step": e["step"], "loss": e["loss"]} for e in state.log_history if "loss" in e]
+    parts = {
+        name: [e[f"{name}_loss"] for e in state.log_history if f"{name}_loss" in e] for name in ("kd", "lm", "hidden")
+    }
+    val_losses = [{"step": e["step"], "loss": e["eval_loss"]} for e in state.log_history if "eval_loss" in e]
+    speeds = [e["tokens_per_s"] for e in state.log_history if "tokens_per_s" in e]
+    effective = cfg.effective_batch(world)
+    return {
+        "input": str(location),
+        "data": dataset.describe(),
+        "steps": state.global_step,
+        "tokens": round(state.global_step * effective * dataset.tokens_per_example),
+        "epochs": round(float(state.epoch or 0), 4),
+        "resumed_from_step": resumed_step or None,
+        "world_size": world,
+        "gradient_accumulation_steps": cfg.accumulation_steps(world),
+        "effective_batch_size": effective,
+        "train_loss": losses[-1]["loss"] if losses else None,
+        "train_loss_mean": train_output.training_loss if steps_run else None,
+        "final_loss_parts": {name: values[-1] for name, values in parts.items() if values},
+        "val_loss": val_losses[-1]["loss"] if val_losses else None,
+        "loss_history": losses,
+        "val_loss_history": val_losses,
+        "train_seconds": timings["train"],
+        "seconds_per_step": round(timings["train"] / steps_run, 3) if steps_run else None,
+        "tokens_per_s": speeds[-1] if speeds else None,
+        "adapter": ADAPTER_DIR if cfg.keep_adapter and not cfg.full else None,
+        "versions": _versions(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _merge_and_save(
+    model, tokenizer, record: dict, output: Path, overwrite: bool, location: Path, keep_adapter: bool
+) -> torch.nn.Module:
+    """Adapter (optional) and merged model into ``output``, complete or not at all."""
+    dtype = _saved_dtype(location)
+    source_config = json.loads((location / "config.json").read_text())
+    with atomic_output_dir(output, overwrite) as tmp:
+        staged = Path(f"{tmp}-{ADAPTER_DIR}")  # save_pruned replaces tmp as a whole: stage the adapter beside it
+        try:
+            keep = keep_adapter and is_lora(model)
+            plain = merged(model, staged if keep else None)
+            if "use_cache" in source_config:  # training turned the KV cache off
+                plain.config.use_cache = source_config["use_cache"]
+            if dtype is not None:
+                plain = plain.to(dtype)
+            save_pruned(plain, tokenizer, record, tmp, overwrite=True)  # the pruned-model writer, unchanged
+            if "architectures" in source_config:  # the input's class name, not that of the loader's pruned class
+                config = json.loads((tmp / "config.json").read_text())
+                config["architectures"] = source_config["architectures"]
+                write_json_atomic(tmp / "config.json", config)
+            if keep:
+                staged.rename(tmp / ADAPTER_DIR)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    return plain.eval()
