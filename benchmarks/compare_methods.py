@@ -103,7 +103,9 @@ TASK_SHORT = {
     "openbookqa": "OBQA",
 }
 # The equal recovery budget of every method (``--finetune-steps`` sets max_steps).
-FINETUNE_FIXED = {"batch_size": 8, "micro_batch_size": 4, "warmup_steps": 5, "val_set_size": 0}
+# LLM-Pruner's LoRA (LM loss, lr 1e-4) for every method, as in the tables of 2026-12-03; recovery.py measures the rest
+LLM_PRUNER_LORA = {"loss": "lm", "full": False, "lr": 1e-4, "warmup_steps": 100, "precision": "fp32"}
+FINETUNE_FIXED = LLM_PRUNER_LORA | {"batch_size": 8, "micro_batch_size": 4, "warmup_steps": 5, "val_set_size": 0}
 # Budgets of the CPU grid: the defaults, and per model what replaces them when the flag is not given
 # (Qwen2.5-0.5B costs ~4x SmolLM2 per token: a smaller budget keeps the whole grid near 4 h 20 min on 2 cores).
 BUDGET_DEFAULTS = {"trials": 20, "finetune_steps": 10, "eval_tokens": 8192}
@@ -214,7 +216,7 @@ def for_model(args, model: str) -> argparse.Namespace:
 
 def finetune_options(args) -> dict[str, Any]:
     if args.full:
-        return {}  # FinetuneConfig's defaults: LLM-Pruner's post-training
+        return dict(LLM_PRUNER_LORA)  # LLM-Pruner's post-training: FinetuneConfig's budget defaults
     return FINETUNE_FIXED | {"max_steps": args.finetune_steps, "cutoff_len": args.cutoff_len}
 
 

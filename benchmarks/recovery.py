@@ -50,6 +50,7 @@ SOURCES = ("wiki", "news", "books", "squad")
 DATA = ",".join(SOURCES)
 MODES: dict[str, dict[str, Any]] = {
     "lm-lora": {"loss": "lm", "full": False, "lr": 1e-4},
+    "lm-full": {"loss": "lm", "full": True, "lr": 1e-4},
     "kd-lora": {"loss": "kd", "full": False, "lr": 1e-3},
     "kd-full": {"loss": "kd", "full": True, "lr": 1e-4},
     "kdlm-full": {"loss": "kd+lm", "full": True, "lr": 1e-4},
@@ -154,16 +155,21 @@ def run_model_ratio(args, model: str, ratio: float) -> None:
     student = build_student(stages, args, model, ratio, directory)
     before = directory / "student.eval.json"
     stages.run("evaluate student", before, lambda: evaluate(student, before, args))
-    cache = root / f"teacher-cache-k{args.cache_top_k}"
+    cache = root / f"teacher-cache-k{args.cache_top_k}{data_tag(args)}"
     for text in args.configs.split(","):
         name, options = parse_config(text)
         for tokens in [int(t) for t in args.tokens.split(",")]:
             for seed in [int(s) for s in args.seeds.split(",")]:
-                unit = directory / f"{name}-t{tokens}-s{seed}"
+                unit = directory / f"{name}{data_tag(args)}-t{tokens}-s{seed}"
                 command = finetune_command(student, unit, options, args, tokens, seed, cache)
                 stages.run(f"recover {unit.name}", unit, lambda c=command, u=unit: run_child(c, _run_file(u)))
                 evaluation = unit.with_name(f"{unit.name}.eval.json")
                 stages.run(f"evaluate {unit.name}", evaluation, lambda u=unit, e=evaluation: evaluate(u, e, args))
+
+
+def data_tag(args) -> str:
+    """Units trained on other text than the four sources carry it in their names."""
+    return "" if args.data == DATA else "-data" + args.data.replace(",", "+").replace("/", "_")
 
 
 def _run_file(unit: Path) -> Path:
@@ -217,6 +223,7 @@ def rows_for(args, model: str, ratio: float) -> list[dict[str, Any]]:
                 "worse_sources": [s for s in SOURCES if ppl[s] > before_ppl[s]],
                 "seconds": run.get("seconds"),
                 "tokens_per_s": finetune.get("tokens_per_s"),
+                "precision": finetune.get("precision"),
                 "peak_rss_gib": run.get("peak_rss_gib"),
             }
         )
@@ -224,16 +231,16 @@ def rows_for(args, model: str, ratio: float) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = "| config | tokens | seed | wiki | news | books | squad | **geo** | × dense | vs before | s | tok/s | GiB |"
+    head = "| config | tokens | seed | wiki | news | books | squad | **geo** | × dense | Δ | s | tok/s | GiB | prec |"
     lines = []
     for key in dict.fromkeys((r["model"], r["ratio"]) for r in rows):
-        lines += ["", f"### {key[0]} at {key[1]}", "", head, "|---" * 13 + "|"]
+        lines += ["", f"### {key[0]} at {key[1]}", "", head, "|---" * 14 + "|"]
         for r in (r for r in rows if (r["model"], r["ratio"]) == key):
             cells = [r["config"], f"{r['tokens']:,}" if r["tokens"] else "", str(r.get("seed", ""))]
             cells += [f"{r[s]:.2f}" for s in SOURCES] + [f"**{r['geo']:.2f}**"]
             cells += [f"{r['x_dense']:.2f}×" if "x_dense" in r else "", f"{r['change']:+.1%}" if "change" in r else ""]
             cells += [_num(r.get("seconds"), "{:.0f}"), _num(r.get("tokens_per_s"), "{:.0f}")]
-            cells.append(_num(r.get("peak_rss_gib"), "{:.2f}"))
+            cells += [_num(r.get("peak_rss_gib"), "{:.2f}"), r.get("precision") or ""]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

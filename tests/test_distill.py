@@ -28,6 +28,7 @@ pytestmark = [
 ]
 
 FAST = {
+    "precision": "fp32",  # numerical comparisons: no bf16 autocast, whatever the CPU
     "max_steps": 3,
     "batch_size": 4,
     "micro_batch_size": 2,
@@ -143,7 +144,7 @@ def kl_to_teacher(student_dir: Path, teacher_dir: Path, corpus: Path) -> float:
 
 def test_kd_lowers_the_kl_to_the_recorded_dense_model(root, tmp_path):
     out = tmp_path / "kd"
-    options = FAST | {"max_steps": 8, "lr": 5e-3, "val_set_size": 0}
+    options = FAST | {"max_steps": 8, "lr": 5e-3, "val_set_size": 0, "loss": "kd", "full": False}
     result = adapruner.finetune(root / "pruned", root / "corpus.txt", out, **options)
     ft = result.record["finetune"]
     assert ft["loss"] == "kd" and ft["method"] == "lora" and ft["temperature"] == 1.0
@@ -306,7 +307,8 @@ def test_cli_prints_mode_loss_and_tokens(root, tmp_path):
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     ft = json.loads((tmp_path / "out" / "adapruner.json").read_text())["finetune"]
-    assert ft["steps"] == 3 and ft["tokens"] == 384 and ft["method"] == "full" and ft["loss"] == "kd"
+    assert ft["steps"] == 3 and ft["tokens"] == 384 and ft["method"] == "full" and ft["loss"] == "kd+lm"
+    assert ft["lr"] == 3e-4 and ft["teacher"] == str(root / "tiny")
     assert "full" in result.output and "384" in result.output
 
 
@@ -317,7 +319,8 @@ def test_accelerate_two_processes_equal_one(root, tmp_path):
         "import sys, torch, adapruner\n"
         "torch.set_num_threads(1)\n"
         f"adapruner.finetune({str(root / 'pruned')!r}, {str(root / 'corpus.txt')!r}, sys.argv[1], full=True,"
-        " max_steps=2, batch_size=4, micro_batch_size=2, cutoff_len=32, val_set_size=0, warmup_steps=0, lr=1e-3)\n"
+        " max_steps=2, batch_size=4, micro_batch_size=2, cutoff_len=32, val_set_size=0, warmup_steps=0, lr=1e-3,"
+        " precision='fp32')\n"
     )
     env = os.environ | {"ADAPRUNER_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     accelerate = Path(sys.executable).with_name("accelerate")
@@ -348,3 +351,36 @@ def test_finetune_flags_match_the_config_fields():
     assert set(flags) - not_fields == set(config)
     for name, default in config.items():
         assert flags[name] == default, name
+
+
+def test_auto_precision_uses_bf16_only_where_the_hardware_has_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(recover, "cpu_has_native_bf16", lambda n=native: n)
+        assert recover._precision("auto") == expected
+    assert recover._precision("fp32") == "fp32"
+    with pytest.raises(AdaPrunerError, match="--precision"):
+        FinetuneConfig(precision="fp8").validate()
+
+
+def test_gradient_checkpointing_trains_the_same_model(root, tmp_path):
+    """Recomputing activations in the backward pass saves memory and must not change the result."""
+    options = FAST | {"val_set_size": 0, "max_steps": 2}
+    plain = adapruner.finetune(root / "pruned", root / "corpus.txt", tmp_path / "plain", **options)
+    saved = adapruner.finetune(
+        root / "pruned", root / "corpus.txt", tmp_path / "ckpt", gradient_checkpointing=True, **options
+    )
+    assert saved.record["finetune"]["config"]["gradient_checkpointing"]
+    for name, value in plain.model.state_dict().items():
+        torch.testing.assert_close(saved.model.state_dict()[name], value, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_log_softmax_gives_the_same_losses():
+    student, teacher, mask = logits_pair()
+    labels = torch.randint(0, student.shape[-1], student.shape[:2], generator=torch.Generator().manual_seed(2))
+    labels[1, 3:] = -100
+    shared = torch.log_softmax(student, -1)
+    torch.testing.assert_close(distill.lm_loss(student, labels, shared), distill.lm_loss(student, labels))
+    torch.testing.assert_close(
+        distill.kd_loss(student, teacher, mask, 1.0, shared), distill.kd_loss(student, teacher, mask)
+    )

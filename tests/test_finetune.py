@@ -26,7 +26,9 @@ pytestmark = [
 
 # A few small steps: 2 examples per forward pass, 4 per optimizer step.
 FAST = {
+    "precision": "fp32",  # numerical comparisons: no bf16 autocast, whatever the CPU
     "loss": "lm",
+    "full": False,
     "max_steps": 3,
     "batch_size": 4,
     "micro_batch_size": 2,
@@ -264,7 +266,10 @@ def test_prompt_template_and_response_only_labels():
 
 def test_lora_defaults_are_llm_pruners():
     cfg = FinetuneConfig()
-    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lr) == (8, 16, 0.05, 1e-4)
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (8, 16, 0.05)
+    # measured defaults (benchmarks/recovery.py): KD + LM on every parameter, lr by mode (LLM-Pruner's 1e-4 lost)
+    assert (cfg.loss, cfg.full, cfg.learning_rate) == ("kd+lm", True, 3e-4)
+    assert FinetuneConfig(full=False).learning_rate == 1e-3 and FinetuneConfig(lr=1e-4).learning_rate == 1e-4
     assert (cfg.cutoff_len, cfg.epochs, cfg.batch_size, cfg.micro_batch_size) == (256, 2, 64, 4)
     assert cfg.warmup_steps == 0.05 and cfg.max_steps is None and cfg.train_on_inputs  # LLM-Pruner: 100 of ~1,600
     assert cfg.accumulation_steps() == 16 and cfg.accumulation_steps(world_size=4) == 4

@@ -504,7 +504,9 @@ def finetune(
             "calibration splits); alpaca (hub) or an Alpaca .json/.jsonl file (instruction, input, output)."
         ),
     ] = "wiki,news,books,squad",
-    loss: Annotated[str, typer.Option(help="kd (KL from the teacher), lm (next-token loss) or kd+lm.")] = _FT.loss,
+    loss: Annotated[
+        str, typer.Option(help="kd+lm (KL from the teacher plus next-token loss), kd, or lm (no teacher).")
+    ] = _FT.loss,
     teacher: Annotated[
         str | None,
         typer.Option(help="Dense model to distil from (default: the source_model the input records); 'none': LM loss."),
@@ -531,6 +533,9 @@ def finetune(
     gradient_checkpointing: Annotated[
         bool, typer.Option(help="Recompute activations in the backward pass (less memory, ~30% slower).")
     ] = _FT.gradient_checkpointing,
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 autocast where the GPU or CPU does bf16 in hardware), fp32, bf16, fp16.")
+    ] = _FT.precision,
     tokens: Annotated[
         int | None, typer.Option(help="Training tokens (sets the steps; wins over --max-steps and --epochs).")
     ] = None,
@@ -540,7 +545,9 @@ def finetune(
     target_modules: Annotated[
         str | None, typer.Option(help="LoRA on these projections only, e.g. q_proj,v_proj (default: all seven).")
     ] = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (after the warmup).")] = _FT.lr,
+    lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate after the warmup (default: 3e-4 full, 1e-3 LoRA).")
+    ] = _FT.lr,
     lr_scheduler: Annotated[str, typer.Option(help="After the warmup: linear, cosine or constant.")] = _FT.lr_scheduler,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = _FT.weight_decay,
     cutoff_len: Annotated[

@@ -25,7 +25,7 @@ from .util import log, read_options_file
 
 SEVEN_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 RECIPE = {"metric": "element1", "aggregation": "sum", "num_samples": 10, "seq_len": 64}
-BASELINE_RECOVERY = {"loss": "lm", "full": False}  # LLM-Pruner's: LM loss, LoRA
+BASELINE_RECOVERY = {"loss": "lm", "full": False, "lr": 1e-4}  # LLM-Pruner's: LM loss, LoRA, its learning rate
 
 
 @dataclass

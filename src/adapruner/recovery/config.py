@@ -9,6 +9,8 @@ from ..errors import AdaPrunerError
 from .distill import HIDDEN_LOSSES, LOSSES
 
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+DEFAULT_LR_FULL, DEFAULT_LR_LORA = 3e-4, 1e-3  # best of 1e-4/3e-4/1e-3 (full), 1e-4/3e-4/1e-3 (LoRA) at 32k tokens
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_DATA = "wiki,news,books,squad"  # the four offline sources' calibration splits, interleaved
 
 
@@ -17,7 +19,7 @@ class FinetuneConfig:
     """Recovery settings. LoRA's rank, alpha, dropout and targets are LLM-Pruner's (``post_training.py``);
     the loss, the mode and the learning rate are what ``benchmarks/recovery.py`` measured best."""
 
-    loss: str = "kd"  # lm | kd | kd+lm; kd and kd+lm need a teacher (LM loss when --teacher none)
+    loss: str = "kd+lm"  # lm | kd | kd+lm; kd and kd+lm need a teacher (LM loss when --teacher none)
     teacher: str | None = None  # None: the dense model the input records (source_model); "none": no teacher
     temperature: float = 1.0
     kd_weight: float = 0.5  # kd+lm: kd_weight * KD + (1 - kd_weight) * LM
@@ -26,13 +28,14 @@ class FinetuneConfig:
     hidden_weight: float = 1.0
     teacher_cache: str | None = None  # directory of the teacher's cached top-k logits
     cache_top_k: int = 64
-    full: bool = False  # train every parameter instead of LoRA adapters
+    full: bool = True  # train every parameter (False: LoRA adapters, merged at the end)
     gradient_checkpointing: bool = False
+    precision: str = "auto"  # auto (bf16 autocast where the GPU or CPU has bf16 in hardware), fp32, bf16, fp16
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     target_modules: tuple[str, ...] | None = None  # None: all seven projections, named by the model's adapter
-    lr: float = 1e-4
+    lr: float | None = None  # None: 3e-4 for full training, 1e-3 for LoRA (benchmarks/recovery.py; LLM-Pruner: 1e-4)
     lr_scheduler: str = "linear"  # linear | cosine | constant (each after the warmup)
     weight_decay: float = 0.0
     cutoff_len: int = 256
@@ -65,12 +68,13 @@ class FinetuneConfig:
                 not (self.hidden_loss and self.teacher_cache),
                 "--hidden-loss needs the live teacher's hidden states, which --teacher-cache does not keep: drop one",
             ),
+            (self.precision in PRECISIONS, f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}"),
             (self.lr_scheduler in SCHEDULERS, f"--lr-scheduler: choose one of {', '.join(SCHEDULERS)}"),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (self.lora_r >= 1, "--lora-r must be >= 1"),
             (self.lora_alpha > 0, "--lora-alpha must be > 0"),
             (0 <= self.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
-            (self.lr > 0, "--lr must be > 0"),
+            (self.lr is None or self.lr > 0, "--lr must be > 0"),
             (self.cutoff_len >= 2, "--cutoff-len must be >= 2"),
             (self.epochs > 0, "--epochs must be > 0"),
             (self.micro_batch_size >= 1, "--micro-batch-size must be >= 1"),
@@ -84,6 +88,13 @@ class FinetuneConfig:
         for ok, message in checks:
             if not ok:
                 raise AdaPrunerError(message)
+
+    @property
+    def learning_rate(self) -> float:
+        """The peak learning rate: ``lr``, or the measured best of the mode."""
+        if self.lr is not None:
+            return self.lr
+        return DEFAULT_LR_FULL if self.full else DEFAULT_LR_LORA
 
     @property
     def distils(self) -> bool:

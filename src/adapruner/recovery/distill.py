@@ -41,6 +41,7 @@ CACHE_FIELD_NAMES = {
     "top_k": "--cache-top-k",
     "vocab_size": "vocabulary",
     "per_shard": "shard size",
+    "precision": "--precision",
 }
 
 
@@ -59,11 +60,27 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, log_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy, mean over the trained positions; from ``log_probs`` (T = 1) when given."""
+    if log_probs is None:
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    return F.nll_loss(log_probs[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
 def kd_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    student_log_probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Forward KL from the teacher's full distribution, mean over the masked positions, times ``T**2``."""
-    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    """Forward KL from the teacher's full distribution, mean over the masked positions, times ``T**2``.
+
+    ``student_log_probs``: the student's log-softmax at ``temperature`` when the caller has it already
+    (KD + LM at T = 1 share one pass over the vocabulary)."""
+    student = student_log_probs
+    if student is None:
+        student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     per_token = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
     return _masked_mean(per_token, mask) * temperature**2
@@ -266,8 +283,15 @@ class TeacherCache:
     def _header(self) -> dict[str, Any]:
         return {"format": CACHE_FORMAT, **self.identity, "windows": self.windows, "per_shard": self.per_shard}
 
-    def build(self, teacher: torch.nn.Module, examples: Sequence[dict[str, list[int]]], batch_size: int) -> None:
-        """Run the teacher over every window of the missing shards (resumable shard by shard)."""
+    def build(
+        self,
+        teacher: torch.nn.Module,
+        examples: Sequence[dict[str, list[int]]],
+        batch_size: int,
+        autocast: torch.dtype | None = None,
+    ) -> None:
+        """Run the teacher over every window of the missing shards (resumable shard by shard), under
+        ``autocast`` when given (bf16 on hardware that has it: the teacher pass is most of the build)."""
         from tqdm.auto import tqdm
 
         self.check()
@@ -289,7 +313,7 @@ class TeacherCache:
                     _pad([r["input_ids"] for r in batch], length, 0),
                     _pad([r["attention_mask"] for r in batch], length, 0),
                 )
-                with torch.no_grad():
+                with torch.no_grad(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                     logits = teacher(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
                 for name, value in top_k_outputs(logits, k, temperature).items():
                     parts[name].append(value.cpu())
@@ -322,11 +346,17 @@ def _pad(rows: Sequence[Sequence[int]], length: int, value: int) -> torch.Tensor
 
 
 def open_cache(
-    directory: Path, teacher: Teacher, examples: Sequence[dict[str, list[int]]], k: int, temperature: float
+    directory: Path,
+    teacher: Teacher,
+    examples: Sequence[dict[str, list[int]]],
+    k: int,
+    temperature: float,
+    precision: str = "fp32",
 ) -> TeacherCache:
     identity = teacher.identity() | {
         "windows_fingerprint": windows_fingerprint(examples),
         "top_k": k,
         "temperature": temperature,
+        "precision": precision,  # the teacher pass's arithmetic: a bf16 cache is not an fp32 one
     }
     return TeacherCache(directory, identity, len(examples))

@@ -20,7 +20,7 @@ import torch.nn.functional as F  # noqa: N812
 from ..util import log
 from .config import SCHEDULERS, FinetuneConfig
 from .data import ExampleDataset
-from .distill import TEACHER_FIELDS, TeacherCache, hidden_loss, kd_loss, kd_loss_topk, next_token_mask
+from .distill import TEACHER_FIELDS, TeacherCache, hidden_loss, kd_loss, kd_loss_topk, lm_loss, next_token_mask
 
 PAD_VALUES = {"input_ids": None, "attention_mask": 0, "labels": -100}  # None: the tokenizer's pad id
 
@@ -93,12 +93,13 @@ def _trainer_class():
             )
             mask = next_token_mask(labels)
             parts = {}
-            if self.loss_kind in ("lm", "kd+lm"):
-                parts["lm"] = F.cross_entropy(
-                    outputs.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-                )
-            teacher_out = self._teacher_outputs(inputs, want_hidden) if self.teacher is not None else None
             temperature = self.recovery.temperature
+            shared = None  # KD + LM at T = 1 without a cache: one log-softmax over the vocabulary for both
+            if self.loss_kind == "kd+lm" and temperature == 1 and not cached:
+                shared = F.log_softmax(outputs.logits.float(), dim=-1)
+            if self.loss_kind in ("lm", "kd+lm"):
+                parts["lm"] = lm_loss(outputs.logits, labels, shared)
+            teacher_out = self._teacher_outputs(inputs, want_hidden) if self.teacher is not None else None
             if self.loss_kind != "lm":
                 if cached:
                     parts["kd"] = kd_loss_topk(
@@ -106,7 +107,7 @@ def _trainer_class():
                         temperature,
                     )  # fmt: skip
                 else:
-                    parts["kd"] = kd_loss(outputs.logits, teacher_out.logits, mask, temperature)
+                    parts["kd"] = kd_loss(outputs.logits, teacher_out.logits, mask, temperature, shared)
             if want_hidden:
                 parts["hidden"] = hidden_loss(
                     outputs.hidden_states,
@@ -124,7 +125,7 @@ def _trainer_class():
             device = inputs["input_ids"].device
             if next(self.teacher.parameters()).device != device and not hasattr(self.teacher, "hf_device_map"):
                 self.teacher.to(device)
-            with torch.no_grad():
+            with torch.no_grad(), self.accelerator.autocast():  # the student's mixed precision, if any
                 return self.teacher(
                     input_ids=inputs["input_ids"],
                     attention_mask=inputs["attention_mask"],
@@ -225,7 +226,7 @@ def build_trainer(
         warmup_steps=cfg.warmup_steps,
         num_train_epochs=cfg.epochs,
         max_steps=max_steps or -1,
-        learning_rate=cfg.lr,
+        learning_rate=cfg.learning_rate,
         lr_scheduler_type=SCHEDULERS[cfg.lr_scheduler],
         weight_decay=cfg.weight_decay,
         bf16=precision == "bf16",
