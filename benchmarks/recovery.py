@@ -45,6 +45,7 @@ from typing import Any
 from adapruner import api
 from adapruner.pipeline import Stages
 from adapruner.pruning.io import write_csv_atomic, write_json_atomic, write_text_atomic
+from adapruner.search.study import search
 
 SOURCES = ("wiki", "news", "books", "squad")
 DATA = ",".join(SOURCES)
@@ -139,7 +140,7 @@ def build_student(stages: Stages, args, model: str, ratio: float, directory: Pat
     stages.run(
         f"search {model} {ratio}",
         search_dir / "best.json",
-        lambda: api.search(model, ratio, trials=args.trials, output=search_dir, seed=0),
+        lambda: search(model, ratio, trials=args.trials, output=search_dir, seed=0),
     )
     stages.run(f"prune {model} {ratio}", student, lambda: api.prune(model, from_run=search_dir, output=student))
     return student

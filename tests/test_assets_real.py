@@ -44,10 +44,20 @@ def test_fetch_skips_what_is_present(empty_cache: Path) -> None:
     for name in assets.MODELS:
         (models_dir() / name).mkdir(parents=True)
         (models_dir() / name / "config.json").write_text("{}")
+        (models_dir() / name / assets.TOKENIZER_GGUF).write_text("")
     data_dir().mkdir()
     (data_dir() / assets.MANIFEST_FILE).write_text("{}")
     expected = [models_dir() / name for name in assets.MODELS] + [data_dir()]
     assert assets.fetch(["all"]) == expected  # no download: everything is already there
+
+
+def test_fetch_adds_the_tokenizer_gguf_to_a_model_converted_without_it(empty_cache: Path, monkeypatch) -> None:
+    (models_dir() / SMOLLM2).mkdir(parents=True)
+    (models_dir() / SMOLLM2 / "config.json").write_text("{}")
+    added = []
+    monkeypatch.setattr(assets, "_add_tokenizer_gguf", lambda asset, target: added.append((asset.name, target)))
+    assert assets.fetch([SMOLLM2]) == [models_dir() / SMOLLM2]
+    assert added == [(SMOLLM2, models_dir() / SMOLLM2)]  # kept for `adapruner export`, model not reconverted
 
 
 def test_resolve_model_not_fetched(empty_cache: Path) -> None:

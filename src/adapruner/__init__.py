@@ -4,12 +4,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import export as _export_room  # noqa: F401 - loaded first: the function below takes its name
 from .api import (
     PruneConfig,
     PruneResult,
     build_calibration_pool,
     compare,
     evaluate,
+    export,
     finetune,
     info,
     load_pruned,
@@ -30,6 +32,7 @@ __all__ = [
     "build_calibration_pool",
     "compare",
     "evaluate",
+    "export",
     "finetune",
     "info",
     "load_pruned",

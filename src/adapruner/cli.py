@@ -605,12 +605,53 @@ def finetune(
 
 @app.command()
 @user_errors
-def info(
-    directory: Annotated[Path, typer.Argument(help="A directory written by `adapruner prune`.")],
+def export(
+    model_dir: Annotated[Path, typer.Argument(help="A directory written by `adapruner prune` (or any local model).")],
+    output: Annotated[Path, typer.Option(help="The file to write (e.g. model.gguf).")],
+    format: Annotated[str, typer.Option(help="Export format.")] = "gguf",
+    quant: Annotated[str, typer.Option(help="Matrix type: f32, f16, bf16 or q8_0.")] = "f16",
+    tokenizer_gguf: Annotated[
+        Path | None, typer.Option(help="Copy the tokenizer fields from this GGUF of the dense model.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
-    """Show what was pruned: source, ratios, per-layer sizes, metric and calibration."""
+    """Write a model as GGUF for llama.cpp: per-layer widths as its `deci` architecture."""
     from . import api
 
+    result = api.export(
+        model_dir, output, format=format, quant=quant, tokenizer_gguf=tokenizer_gguf, overwrite=overwrite
+    )
+    out.print(
+        f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB, architecture {result.arch}, {result.tensor_type}; "
+        f"tokenizer from {result.tokenizer_source})"
+    )
+
+
+def _gguf_info(path: Path) -> None:
+    from .export import gguf_layers
+
+    summary = gguf_layers(path)
+    layers = {k: summary.pop(k) for k in ("heads", "kv_heads", "channels")}
+    out.print_json(json.dumps(summary))
+    table = Table(title="layer sizes")
+    for col in ("layer", "query heads", "kv heads", "mlp channels"):
+        table.add_column(col, justify="right")
+    for i, row in enumerate(zip(layers["heads"], layers["kv_heads"], layers["channels"], strict=True)):
+        table.add_row(str(i), *(str(v) for v in row))
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def info(
+    directory: Annotated[Path, typer.Argument(help="A directory written by `adapruner prune`, or a .gguf file.")],
+) -> None:
+    """Show what was pruned: source, ratios, per-layer sizes, metric and calibration (or a GGUF's widths)."""
+    from . import api
+
+    if directory.suffix == ".gguf":
+        _gguf_info(directory)
+        return
     rec = api.info(directory)
     keys = ("source_model", "model_type", "architecture", "target_ratio", "achieved_ratio", "params")
     summary = {k: rec[k] for k in keys}

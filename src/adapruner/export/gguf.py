@@ -1,0 +1,374 @@
+"""Write a pruned (or dense) model directory as a GGUF file for llama.cpp.
+
+Per-layer widths use llama.cpp's ``deci`` architecture (written for NVIDIA's Nemotron-NAS models),
+whose graph builds every layer with its own ``n_head(il)``, ``n_head_kv(il)`` and ``n_ff(il)`` read
+from per-layer arrays, and loads optional biases on q/k/v, the attention output and the FFN. A model
+whose layers all have the same widths and only the family's own biases keeps its family's architecture
+(``llama`` for LLaMA and Mistral, ``qwen2``), so any llama.cpp build runs it.
+
+What the file holds comes from the directory alone (``config.json``, the safetensors weights, the
+tokenizer): tensor names through the ``gguf`` package's name map for the architecture, q/k rows
+permuted into the pair layout of llama.cpp's "normal" rotary embedding where the architecture uses it
+(``llama``, ``deci``; ``qwen2`` uses the NeoX layout of transformers itself), tied embeddings written
+once, 1-D tensors in F32, matrices in F32, F16, BF16 or Q8_0 (the ``gguf`` package's quantisers;
+llama.cpp's K-quants through :func:`quantize_with_llama_cpp`). The tokenizer fields see
+:mod:`adapruner.export.tokenizer`. The file is written to a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType, LlamaFileType
+
+from ..errors import AdaPrunerError
+from ..models.base import LayerShape, adapter_class_for
+from . import tokenizer as vocab
+
+DECI = "deci"
+# the architecture of a family's stock layout in llama.cpp, and whether its rotary embedding is the
+# "normal" (pair) layout that needs q/k rows permuted from transformers' rotate-half layout
+FAMILY_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+PAIR_ROPE = {"llama": True, "deci": True, "qwen2": False}
+# outputs this module writes itself; llama.cpp quantises to the rest (see quantize_with_llama_cpp)
+WRITER_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
+    "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
+    "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+}
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """What the exporter needs to know about a model directory, read from its config alone."""
+
+    model_type: str
+    arch: str
+    layers: list[LayerShape]
+    head_dim: int
+    hidden_size: int
+    config: dict[str, Any]
+
+    @property
+    def per_layer(self) -> bool:
+        return self.arch == DECI
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    arch: str
+    tensor_type: str
+    tokenizer_source: str
+    layers: list[LayerShape]
+    bytes: int
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not model_dir.is_dir() or not path.is_file() or not list(model_dir.glob("*.safetensors")):
+        raise AdaPrunerError(
+            f"{model_dir} is not an AdaPruner or Hugging Face model directory (config.json and *.safetensors "
+            "needed): give the output of `adapruner prune` or a local model"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdaPrunerError(f"{path} is corrupted ({exc.msg}): prune the model again") from None
+
+
+def layer_shapes(config: dict[str, Any]) -> list[LayerShape]:
+    """Per-layer widths: ``pruned_layers`` (per-layer models) or the plain config's, repeated."""
+    fields = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+    if config.get("pruned_layers"):
+        return [LayerShape(*(int(entry[f]) for f in fields)) for entry in config["pruned_layers"]]
+    kv = config.get("num_key_value_heads") or config["num_attention_heads"]
+    shape = LayerShape(int(config["num_attention_heads"]), int(kv), int(config["intermediate_size"]))
+    return [shape] * int(config["num_hidden_layers"])
+
+
+def extra_biases(config: dict[str, Any]) -> bool:
+    """Compensation biases on o_proj/down_proj that the family's stock layout would not build."""
+    return any(entry.get("o_proj_bias") or entry.get("down_proj_bias") for entry in config.get("pruned_layers") or [])
+
+
+def read_layout(model_dir: Path) -> ModelLayout:
+    config = read_config(model_dir)
+    family = adapter_class_for(str(config.get("model_type"))).family  # unknown families refused here
+    layers = layer_shapes(config)
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    check_expressible(layers)
+    uniform = len(set(layers)) == 1 and not extra_biases(config)
+    return ModelLayout(
+        model_type=config["model_type"],
+        arch=FAMILY_ARCH[family] if uniform else DECI,
+        layers=layers,
+        head_dim=head_dim,
+        hidden_size=int(config["hidden_size"]),
+        config=config,
+    )
+
+
+def check_expressible(layers: list[LayerShape]) -> None:
+    """llama.cpp's graph needs heads, KV heads and channels in every layer, and whole query groups."""
+    for index, shape in enumerate(layers):
+        if min(shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size) < 1:
+            raise AdaPrunerError(
+                f"layer {index} keeps {shape.num_attention_heads} heads / {shape.num_key_value_heads} KV heads / "
+                f"{shape.intermediate_size} channels: llama.cpp cannot run a layer without attention or MLP; "
+                "prune with a lower ratio or a per-layer cap"
+            )
+        if shape.num_attention_heads % shape.num_key_value_heads:
+            raise AdaPrunerError(
+                f"layer {index}: {shape.num_attention_heads} query heads do not split into "
+                f"{shape.num_key_value_heads} KV groups: llama.cpp cannot express it"
+            )
+
+
+def rope_settings(config: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """(rope theta, scaling parameters) from transformers 5's ``rope_parameters`` or the older keys."""
+    params = dict(config.get("rope_parameters") or {})
+    scaling = dict(config.get("rope_scaling") or {})
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    merged = scaling | params | {"rope_type": kind}
+    if kind not in ("default", "linear", "llama3"):
+        raise AdaPrunerError(
+            f"rotary scaling '{kind}' is not exported yet (default, linear and llama3 are): "
+            "open an issue with the model id"
+        )
+    return float(theta), merged
+
+
+def llama3_rope_factors(config: dict[str, Any], rope: dict[str, Any], head_dim: int, theta: float) -> np.ndarray:
+    """Per-frequency divisors of Llama 3.1's rotary scaling, the ``rope_freqs`` tensor llama.cpp reads."""
+    factor = float(rope.get("factor", 8.0))
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    original = float(rope.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = original / low, original / high
+    divisors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi / (1.0 / theta ** (i / head_dim))
+        if wavelen < high_wavelen:
+            divisors.append(1.0)
+        elif wavelen > low_wavelen:
+            divisors.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            divisors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(divisors, dtype=np.float32)
+
+
+def to_pair_rope(rows: np.ndarray, heads: int) -> np.ndarray:
+    """Reorder each head's rows from rotate-half order (x0..x_{d/2-1}, y0..) to pairs (x0, y0, x1, y1, ...)."""
+    shape = rows.shape
+    return rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def from_pair_rope(rows: np.ndarray, heads: int) -> np.ndarray:
+    """Inverse of :func:`to_pair_rope` (used by ``info`` and the tests)."""
+    shape = rows.shape
+    return rows.reshape(heads, shape[0] // heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def hf_tensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Every tensor of the directory's safetensors files as float32 numpy (bf16/f16 widened)."""
+    import torch
+    from safetensors import safe_open
+
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield name, handle.get_tensor(name).to(torch.float32).numpy()
+
+
+def layer_index(name: str) -> int | None:
+    parts = name.split(".")
+    if "layers" in parts:
+        return int(parts[parts.index("layers") + 1])
+    return None
+
+
+def convert_tensor(name: str, data: np.ndarray, layout: ModelLayout) -> np.ndarray:
+    """q/k rows into llama.cpp's pair layout where the architecture needs it; everything else as is."""
+    index = layer_index(name)
+    if not PAIR_ROPE[layout.arch] or index is None:
+        return data
+    shape = layout.layers[index]
+    if ".self_attn.q_proj." in name:
+        return to_pair_rope(data, shape.num_attention_heads)
+    if ".self_attn.k_proj." in name:
+        return to_pair_rope(data, shape.num_key_value_heads)
+    return data
+
+
+def tensor_type(name: str, data: np.ndarray, wanted: GGMLQuantizationType) -> GGMLQuantizationType:
+    """1-D tensors and norms stay F32 (as llama.cpp's converter does); Q8_0 needs rows of 32."""
+    if data.ndim == 1 or name.endswith("_norm.weight"):
+        return GGMLQuantizationType.F32
+    block = gguf.GGML_QUANT_SIZES[wanted][0]
+    if data.shape[-1] % block:
+        return GGMLQuantizationType.F16
+    return wanted
+
+
+def encode(data: np.ndarray, kind: GGMLQuantizationType) -> np.ndarray:
+    if kind == GGMLQuantizationType.F32:
+        return data.astype(np.float32)
+    if kind == GGMLQuantizationType.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data.astype(np.float32), kind)
+
+
+def add_hparams(writer: gguf.GGUFWriter, layout: ModelLayout, name: str, file_type: LlamaFileType, rows: int) -> None:
+    config = layout.config
+    arrays = layout.per_layer
+    heads = [s.num_attention_heads for s in layout.layers]
+    kv_heads = [s.num_key_value_heads for s in layout.layers]
+    channels = [s.intermediate_size for s in layout.layers]
+    theta, rope = rope_settings(config)
+    writer.add_name(name)
+    writer.add_block_count(len(layout.layers))
+    writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
+    writer.add_embedding_length(layout.hidden_size)
+    writer.add_feed_forward_length(channels if arrays else channels[0])
+    writer.add_head_count(heads if arrays else heads[0])
+    writer.add_head_count_kv(kv_heads if arrays else kv_heads[0])
+    writer.add_rope_freq_base(theta)
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_key_length(layout.head_dim)
+    writer.add_value_length(layout.head_dim)
+    writer.add_rope_dimension_count(layout.head_dim)
+    writer.add_vocab_size(rows)
+    writer.add_file_type(file_type)
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+
+
+def gguf_name(name: str, names: gguf.TensorNameMap) -> str:
+    mapped = names.get_name(name, try_suffixes=(".weight", ".bias"))
+    if mapped is None:
+        raise AdaPrunerError(f"tensor {name} has no GGUF name in llama.cpp's map: report a bug with the model id")
+    return mapped
+
+
+def tokenizer_fields(
+    model_dir: Path, rows: int, tokenizer_gguf: Path | None, source_dir: Path | None
+) -> tuple[vocab.TokenizerFields, str]:
+    """(fields, where they came from): the given GGUF, the source asset's kept GGUF, or the HF tokenizer."""
+    candidates = [tokenizer_gguf] if tokenizer_gguf else []
+    candidates += [d / vocab.TOKENIZER_GGUF for d in (model_dir, source_dir) if d is not None]
+    for path in candidates:
+        if path is tokenizer_gguf or path.is_file():
+            fields = vocab.read_fields(path)
+            if vocab.token_count(fields) != rows:
+                raise AdaPrunerError(
+                    f"{path} has {vocab.token_count(fields)} tokens but the model {rows} embedding rows: "
+                    "give a tokenizer GGUF of this model's dense version"
+                )
+            return fields, str(path)
+    return vocab.fields_from_hf(model_dir, rows), f"{model_dir} (Hugging Face tokenizer)"
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and (output.is_dir() or not overwrite):
+        raise AdaPrunerError(f"output {output} exists: choose another --output or pass --overwrite")
+    parent = output.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise AdaPrunerError(f"cannot write {output}: {parent} is not a writable directory")
+
+
+def export_gguf(
+    model_dir: str | Path,
+    output: str | Path,
+    *,
+    quant: str = "f16",
+    tokenizer_gguf: str | Path | None = None,
+    source_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Write ``model_dir`` as a GGUF at ``output`` (see the module docstring); complete or not at all.
+
+    ``source_dir``: the dense model's directory, where a kept ``tokenizer.gguf`` is looked for.
+    """
+    model_dir, output = Path(model_dir), Path(output)
+    if quant not in WRITER_TYPES:
+        raise AdaPrunerError(f"unknown --quant '{quant}': choose among {', '.join(WRITER_TYPES)}")
+    layout = read_layout(model_dir)
+    check_output(output, overwrite)
+    wanted, file_type = WRITER_TYPES[quant]
+    tensors = {name: data for name, data in hf_tensors(model_dir)}
+    rows = tensors["model.embed_tokens.weight"].shape[0]
+    fields, tokenizer_source = tokenizer_fields(
+        model_dir, rows, Path(tokenizer_gguf) if tokenizer_gguf else None, Path(source_dir) if source_dir else None
+    )
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[layout.arch.upper()], len(layout.layers))
+    if layout.config.get("tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)  # llama.cpp reuses token_embd when output.weight is absent
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.resolve().parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, layout.arch)
+        add_hparams(writer, layout, str(layout.config.get("_name_or_path") or model_dir.name), file_type, rows)
+        vocab.add_fields(writer, fields)
+        theta, rope = rope_settings(layout.config)
+        if rope["rope_type"] == "llama3":
+            factors = llama3_rope_factors(layout.config, rope, layout.head_dim, theta)
+            writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
+        for name, data in tensors.items():
+            data = convert_tensor(name, data, layout)
+            kind = tensor_type(gguf_name(name, names), data, wanted)
+            encoded = encode(data, kind)  # quantised types: uint8 rows of blocks, the writer derives the shape
+            writer.add_tensor(gguf_name(name, names), encoded, raw_dtype=None if encoded.dtype != np.uint8 else kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return ExportResult(output, layout.arch, quant, tokenizer_source, layout.layers, output.stat().st_size)
+
+
+def gguf_layers(path: str | Path) -> dict[str, Any]:
+    """Architecture and per-layer widths of a GGUF file (for ``adapruner info FILE.gguf``)."""
+    try:
+        reader = gguf.GGUFReader(Path(path))
+    except Exception as exc:
+        raise AdaPrunerError(f"{path} is not a readable GGUF file ({exc})") from None
+    fields = reader.fields
+    arch = fields["general.architecture"].contents()
+    blocks = int(fields[f"{arch}.block_count"].contents())
+
+    def per_layer(key: str, default: str | None = None) -> list[int]:
+        field = fields.get(key) or (fields.get(default) if default else None)
+        if field is None:
+            return []
+        value = field.contents()
+        return [int(v) for v in value] if isinstance(value, list) else [int(value)] * blocks
+
+    types: dict[str, int] = {}
+    for tensor in reader.tensors:
+        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
+    return {
+        "architecture": arch,
+        "layers": blocks,
+        "heads": per_layer(f"{arch}.attention.head_count"),
+        "kv_heads": per_layer(f"{arch}.attention.head_count_kv", f"{arch}.attention.head_count"),
+        "channels": per_layer(f"{arch}.feed_forward_length"),
+        "tensors": len(reader.tensors),
+        "tensor_types": types,
+        "parameters": int(sum(int(np.prod(t.shape)) for t in reader.tensors)),
+    }
