@@ -47,7 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", default=DEFAULT_MODELS, help="LABEL=MODEL, commas; the first is the reference")
     parser.add_argument("--limit", type=int, default=500, help="documents of each task but ARC-c and OBQA (all)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--pairs", default="3:1", help="A:B row numbers (0 = first) whose averages are differenced")
+    parser.add_argument("--pairs", default="3:1,3:2", help="A:B row numbers (0 = first) whose averages are differenced")
+    parser.add_argument(
+        "--also-without", default="boolq", help="tasks also left out of a second average (e.g. one near chance)"
+    )
     parser.add_argument("--run-root", type=Path, default=Path("runs/bench/zeroshot"))
     parser.add_argument("--report-only", action="store_true")
     return parser.parse_args(argv)
@@ -124,19 +127,35 @@ def interval(value: float, se: float) -> str:
     return f"{100 * value:.2f} ± {100 * Z95 * se:.2f}"
 
 
-def summary(paths: list[Path], pairs: str) -> list[str]:
+def without(zs: dict[str, Any], left_out: set[str]) -> dict[str, Any]:
+    """The average and its standard error over the tasks not in ``left_out``."""
+    metrics = {task: metric for task, metric in zs["average_metric"].items() if task not in left_out}
+    average = sum(zs["tasks"][task][metric] for task, metric in metrics.items()) / len(metrics)
+    return {"average": average, "average_stderr": average_stderr(zs["tasks"], metrics)}
+
+
+def average_lines(runs: list[dict[str, Any]], title: str, pick) -> list[str]:
+    dense = pick(runs[0]["zero_shot"])
+    lines = ["", title, ""]
+    for index, results in enumerate(runs):
+        zs = pick(results["zero_shot"])
+        text = f"- {results['label']}: {interval(zs['average'], zs['average_stderr'])} points"
+        if index:  # delta method for the ratio of two independent estimates
+            kept = zs["average"] / dense["average"]
+            se = kept * math.hypot(zs["average_stderr"] / zs["average"], dense["average_stderr"] / dense["average"])
+            text += f"; retention {interval(kept, se)}% of {runs[0]['label']}"
+        lines.append(text)
+    return lines
+
+
+def summary(paths: list[Path], pairs: str, left_out: str = "") -> list[str]:
     runs = [json.loads(path.read_text()) for path in paths]
-    dense = runs[0]["zero_shot"]
-    lines = ["", "Average over the seven tasks (95% interval, tasks independent):", ""]
-    for results in runs:
-        zs = results["zero_shot"]
-        kept = zs["average"] / dense["average"]
-        # delta method for a ratio of two independent estimates
-        se = kept * math.hypot(zs["average_stderr"] / zs["average"], dense["average_stderr"] / dense["average"])
-        lines.append(
-            f"- {results['label']}: {interval(zs['average'], zs['average_stderr'])} points; "
-            f"retention {interval(kept, se)}% of dense; {results.get('seconds', 0):.0f} s"
-        )
+    lines = average_lines(runs, "Average over all tasks (± 1.96 se: the 95% interval, tasks independent):", dict)
+    skipped = {task for task in left_out.split(",") if task}
+    if skipped:
+        title = f"Average without {', '.join(sorted(skipped))}:"
+        lines += average_lines(runs, title, lambda zs: without(zs, skipped))
+    lines += ["", "Differences of the average over all tasks:", ""]
     for pair in filter(None, pairs.split(",")):
         first, second = (int(index) for index in pair.split(":"))
         if max(first, second) >= len(runs):
@@ -154,7 +173,12 @@ def main(argv: list[str] | None = None) -> None:
     if not paths:
         print("no results yet")
         return
-    report = compare_table(paths) + "\n".join(summary(paths, args.pairs)) + "\n"
+    report = compare_table(paths) + "\n".join(summary(paths, args.pairs, args.also_without)) + "\n"
+    report += (
+        "\nSeconds per model: "
+        + ", ".join(f"{json.loads(p.read_text())['label']} {json.loads(p.read_text())['seconds']:.0f}" for p in paths)
+        + "\n"
+    )
     write_text_atomic(args.run_root / "results.md", report)
     print(report)
 

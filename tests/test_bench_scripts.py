@@ -81,4 +81,10 @@ def test_summary_separates_a_difference_from_noise(retention, tmp_path):
     lines = "\n".join(retention.summary(paths, "1:0,2:0"))
     assert "close − dense: -1.00 ± 2.77 points (within the 95% interval" in lines
     assert "far − dense: -20.00 ± 2.77 points (outside the 95% interval)" in lines
-    assert "retention 60.00 ±" in lines
+    assert "far: 30.00 ± 1.96 points; retention 60.00 ±" in lines
+    assert "- dense: 50.00 ± 1.96 points\n" in lines  # the reference row has no retention of itself
+
+
+def test_an_average_without_a_task_leaves_only_that_task_out(retention):
+    zs = retention.merge("m", [half({"boolq": (0.9, 0.03, "acc"), "piqa": (0.6, 0.02, "acc_norm")})], 500)["zero_shot"]
+    assert retention.without(zs, {"boolq"}) == {"average": 0.6, "average_stderr": pytest.approx(0.02)}

@@ -15,7 +15,7 @@ import torch
 
 from .data.calibration import WindowCounts, split_sources
 from .data.pool import CalibrationPool, build_pool
-from .data.sources import OFFLINE_SOURCES
+from .data.sources import ALL_OFFLINE, OFFLINE_SOURCES
 from .errors import AdaPrunerError
 from .importance import AGGREGATIONS, Importance, Statistics, collect_statistics, get_metric, score_groups
 from .importance.cache import StatisticsCache
@@ -788,7 +788,7 @@ def compare(paths: list[str | Path] | tuple[str | Path, ...], *, reference: str 
 
 def finetune(
     model_dir: str | Path,
-    data: str | Path = "wiki,news,books,squad",
+    data: str | Path = ALL_OFFLINE,
     output: str | Path | None = None,
     *,
     overwrite: bool = False,

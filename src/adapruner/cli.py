@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .data.pool import DEFAULT_POOL_PER_SOURCE
+from .data.sources import ALL_OFFLINE
 from .errors import AdaPrunerError
 from .importance.metrics import parse_mix
 
@@ -291,7 +292,7 @@ def search(
     ] = "percentile",
     objective_data: Annotated[
         str, typer.Option(help="Validation text of the objective: sources or local files, comma-separated.")
-    ] = "wiki,news,books,squad",
+    ] = ALL_OFFLINE,
     objective_tokens: Annotated[int, typer.Option(help="Validation tokens per objective source.")] = 1024,
     objective: Annotated[
         str, typer.Option(help="ppl (perplexity) or kl (KL divergence from the dense model's next-token distribution).")
@@ -411,7 +412,7 @@ def evaluate(
     model: Annotated[str, typer.Argument(help="Asset name, pruned or plain model directory, or hub id.")],
     ppl: Annotated[
         str, typer.Option(help="Comma-separated text sources (test split); several add their geometric mean.")
-    ] = "wiki,news,books,squad",
+    ] = ALL_OFFLINE,
     seq_len: Annotated[str, typer.Option(help="Comma-separated window lengths.")] = "128",
     max_tokens: Annotated[int, typer.Option(help="Use at most this many test tokens per source (0: all).")] = 40960,
     batch_size: Annotated[int, typer.Option(help="Windows (perplexity) or requests (tasks) per forward pass.")] = 8,
@@ -503,7 +504,7 @@ def finetune(
             help="Text source(s): wiki, news, books, squad, a .txt path, or a comma-separated mix (their "
             "calibration splits); alpaca (hub) or an Alpaca .json/.jsonl file (instruction, input, output)."
         ),
-    ] = "wiki,news,books,squad",
+    ] = ALL_OFFLINE,
     loss: Annotated[
         str, typer.Option(help="kd+lm (KL from the teacher plus next-token loss), kd, or lm (no teacher).")
     ] = _FT.loss,

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .data.pool import DEFAULT_POOL_PER_SOURCE
+from .data.sources import ALL_OFFLINE, OFFLINE_SOURCES
 from .errors import AdaPrunerError
 from .pruning.io import read_record, write_json_atomic, write_text_atomic
 from .util import log, read_options_file
@@ -40,16 +41,16 @@ class RunConfig:
     search_space: dict[str, Any] = field(default_factory=dict)  # SearchSpace fields
     uniform: bool = False  # every layer pruned alike: stock-architecture outputs (search and baseline)
     pool_per_source: int = DEFAULT_POOL_PER_SOURCE
-    objective_data: str = "wiki,news,books,squad"  # validation text of the objective (sources or files)
+    objective_data: str = ALL_OFFLINE  # validation text of the objective (sources or files)
     objective_tokens: int = 1024  # per objective source
     objective: str = "ppl"  # ppl | kl (KL divergence from the dense model)
     pruner: str = "percentile"
     baseline: bool = True  # also prune/recover/evaluate LLM-Pruner's recipe
     baseline_calibration: str = "books"  # LLM-Pruner's calibration text
-    finetune_data: str | None = "wiki,news,books,squad"  # recovery text; None: no recovery stage
+    finetune_data: str | None = ALL_OFFLINE  # recovery text; None: no recovery stage
     finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields, e.g. tokens
     baseline_finetune: dict[str, Any] = field(default_factory=lambda: dict(BASELINE_RECOVERY))  # over `finetune`
-    ppl: list[str] = field(default_factory=lambda: ["wiki", "news", "books", "squad"])
+    ppl: list[str] = field(default_factory=lambda: list(OFFLINE_SOURCES))
     seq_len: list[int] = field(default_factory=lambda: [128])
     eval_tokens: int | None = 40_960
     tasks: list[str] = field(default_factory=lambda: list(SEVEN_TASKS))

@@ -36,6 +36,7 @@ from adapruner.paths import data_dir
 SPLITS = ("calibration", "validation", "test")
 SPLIT_BOUNDS = {"calibration": (0.0, 0.7), "validation": (0.7, 0.8), "test": (0.8, 1.0)}
 OFFLINE_SOURCES = ("wiki", "news", "books", "squad")
+ALL_OFFLINE = ",".join(OFFLINE_SOURCES)  # the default mix wherever text sources are named as one string
 LOCAL_SUFFIXES = (".txt", ".jsonl")
 MIN_WIKI_CHARS = 500
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..data.sources import ALL_OFFLINE
 from ..errors import AdaPrunerError
 from .distill import HIDDEN_LOSSES, LOSSES
 
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 DEFAULT_LR_FULL, DEFAULT_LR_LORA = 3e-4, 1e-3  # best of 1e-4/3e-4/1e-3 (full), 1e-4/3e-4/1e-3 (LoRA) at 32k tokens
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEFAULT_DATA = "wiki,news,books,squad"  # the four offline sources' calibration splits, interleaved
+DEFAULT_DATA = ALL_OFFLINE  # the four offline sources' calibration splits, interleaved
 
 
 @dataclass(frozen=True)
