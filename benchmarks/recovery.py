@@ -43,12 +43,12 @@ from pathlib import Path
 from typing import Any
 
 from adapruner import api
+from adapruner.data.sources import ALL_OFFLINE, OFFLINE_SOURCES
 from adapruner.pipeline import Stages
 from adapruner.pruning.io import write_csv_atomic, write_json_atomic, write_text_atomic
 from adapruner.search.study import search
 
-SOURCES = ("wiki", "news", "books", "squad")
-DATA = ",".join(SOURCES)
+SOURCES, DATA = OFFLINE_SOURCES, ALL_OFFLINE
 MODES: dict[str, dict[str, Any]] = {
     "lm-lora": {"loss": "lm", "full": False, "lr": 1e-4},
     "lm-full": {"loss": "lm", "full": True, "lr": 1e-4},

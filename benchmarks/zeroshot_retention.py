@@ -174,11 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         print("no results yet")
         return
     report = compare_table(paths) + "\n".join(summary(paths, args.pairs, args.also_without)) + "\n"
-    report += (
-        "\nSeconds per model: "
-        + ", ".join(f"{json.loads(p.read_text())['label']} {json.loads(p.read_text())['seconds']:.0f}" for p in paths)
-        + "\n"
-    )
+    runs = [json.loads(path.read_text()) for path in paths]
+    report += "\nSeconds per model: " + ", ".join(f"{run['label']} {run['seconds']:.0f}" for run in runs) + "\n"
     write_text_atomic(args.run_root / "results.md", report)
     print(report)
 

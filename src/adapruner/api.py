@@ -827,14 +827,16 @@ def export(
 
     if format != "gguf":
         raise AdaPrunerError(f"unknown --format '{format}': gguf is the one export format")
-    source = None
-    record_path = Path(model_dir) / "adapruner.json"
-    if record_path.is_file():
-        from .assets import MODELS
-        from .assets import model_dir as asset_dir
+    source = None  # the dense model's directory, resolved as `prune` resolved it, if it is on this disk
+    if (Path(model_dir) / "adapruner.json").is_file():
+        from .assets import resolve_model
 
         name = read_record(Path(model_dir)).get("source_model")
-        source = asset_dir(name) if name in MODELS else (Path(name) if name and Path(name).is_dir() else None)
+        try:
+            location = Path(resolve_model(name)) if name else None
+        except AdaPrunerError:  # an asset not fetched here: the Hugging Face tokenizer is the fallback
+            location = None
+        source = location if location is not None and location.is_dir() else None
     return export_gguf(
         model_dir, output, quant=quant, tokenizer_gguf=tokenizer_gguf, source_dir=source, overwrite=overwrite
     )

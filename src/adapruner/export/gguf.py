@@ -11,7 +11,7 @@ tokenizer): tensor names through the ``gguf`` package's name map for the archite
 permuted into the pair layout of llama.cpp's "normal" rotary embedding where the architecture uses it
 (``llama``, ``deci``; ``qwen2`` uses the NeoX layout of transformers itself), tied embeddings written
 once, 1-D tensors in F32, matrices in F32, F16, BF16 or Q8_0 (the ``gguf`` package's quantisers;
-llama.cpp's K-quants through :func:`quantize_with_llama_cpp`). The tokenizer fields see
+llama.cpp's K-quants are not wired yet). The tokenizer fields see
 :mod:`adapruner.export.tokenizer`. The file is written to a temporary name and renamed when complete.
 """
 
@@ -35,11 +35,12 @@ from ..models.base import LayerShape, adapter_class_for
 from . import tokenizer as vocab
 
 DECI = "deci"
+EMBEDDING = "model.embed_tokens.weight"
 # the architecture of a family's stock layout in llama.cpp, and whether its rotary embedding is the
 # "normal" (pair) layout that needs q/k rows permuted from transformers' rotate-half layout
 FAMILY_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 PAIR_ROPE = {"llama": True, "deci": True, "qwen2": False}
-# outputs this module writes itself; llama.cpp quantises to the rest (see quantize_with_llama_cpp)
+# the matrix types this module writes with the gguf package's own encoders
 WRITER_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
     "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
     "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
@@ -52,11 +53,12 @@ WRITER_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
 class ModelLayout:
     """What the exporter needs to know about a model directory, read from its config alone."""
 
-    model_type: str
     arch: str
     layers: list[LayerShape]
     head_dim: int
     hidden_size: int
+    rope_theta: float
+    rope: dict[str, Any]  # the scaling parameters, ``rope_type`` always set
     config: dict[str, Any]
 
     @property
@@ -108,13 +110,15 @@ def read_layout(model_dir: Path) -> ModelLayout:
     layers = layer_shapes(config)
     head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
     check_expressible(layers)
+    theta, rope = rope_settings(config)  # an unsupported scaling is refused before any tensor is read
     uniform = len(set(layers)) == 1 and not extra_biases(config)
     return ModelLayout(
-        model_type=config["model_type"],
         arch=FAMILY_ARCH[family] if uniform else DECI,
         layers=layers,
         head_dim=head_dim,
         hidden_size=int(config["hidden_size"]),
+        rope_theta=theta,
+        rope=rope,
         config=config,
     )
 
@@ -150,7 +154,7 @@ def rope_settings(config: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     return float(theta), merged
 
 
-def llama3_rope_factors(config: dict[str, Any], rope: dict[str, Any], head_dim: int, theta: float) -> np.ndarray:
+def llama3_rope_factors(rope: dict[str, Any], head_dim: int, theta: float) -> np.ndarray:
     """Per-frequency divisors of Llama 3.1's rotary scaling, the ``rope_freqs`` tensor llama.cpp reads."""
     factor = float(rope.get("factor", 8.0))
     low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
@@ -176,13 +180,14 @@ def to_pair_rope(rows: np.ndarray, heads: int) -> np.ndarray:
 
 
 def from_pair_rope(rows: np.ndarray, heads: int) -> np.ndarray:
-    """Inverse of :func:`to_pair_rope` (used by ``info`` and the tests)."""
+    """Inverse of :func:`to_pair_rope` (the tests read exported q/k rows back with it)."""
     shape = rows.shape
     return rows.reshape(heads, shape[0] // heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
 def hf_tensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Every tensor of the directory's safetensors files as float32 numpy (bf16/f16 widened)."""
+    """Every tensor of the directory's safetensors files as float32 numpy (bf16/f16 widened), one at a
+    time, so a float32 copy of the whole model is never held."""
     import torch
     from safetensors import safe_open
 
@@ -190,6 +195,17 @@ def hf_tensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
         with safe_open(str(path), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                 yield name, handle.get_tensor(name).to(torch.float32).numpy()
+
+
+def embedding_rows(model_dir: Path) -> int:
+    """Rows of the token embedding, read from the safetensors header (no tensor data)."""
+    from safetensors import safe_open
+
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            if EMBEDDING in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                return int(handle.get_slice(EMBEDDING).get_shape()[0])
+    raise AdaPrunerError(f"{model_dir} holds no {EMBEDDING}: not a LLaMA-layout checkpoint")
 
 
 def layer_index(name: str) -> int | None:
@@ -236,7 +252,6 @@ def add_hparams(writer: gguf.GGUFWriter, layout: ModelLayout, name: str, file_ty
     heads = [s.num_attention_heads for s in layout.layers]
     kv_heads = [s.num_key_value_heads for s in layout.layers]
     channels = [s.intermediate_size for s in layout.layers]
-    theta, rope = rope_settings(config)
     writer.add_name(name)
     writer.add_block_count(len(layout.layers))
     writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
@@ -244,16 +259,16 @@ def add_hparams(writer: gguf.GGUFWriter, layout: ModelLayout, name: str, file_ty
     writer.add_feed_forward_length(channels if arrays else channels[0])
     writer.add_head_count(heads if arrays else heads[0])
     writer.add_head_count_kv(kv_heads if arrays else kv_heads[0])
-    writer.add_rope_freq_base(theta)
+    writer.add_rope_freq_base(layout.rope_theta)
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_key_length(layout.head_dim)
     writer.add_value_length(layout.head_dim)
     writer.add_rope_dimension_count(layout.head_dim)
     writer.add_vocab_size(rows)
     writer.add_file_type(file_type)
-    if rope["rope_type"] == "linear":
+    if layout.rope["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_factor(float(layout.rope["factor"]))
 
 
 def gguf_name(name: str, names: gguf.TensorNameMap) -> str:
@@ -308,29 +323,28 @@ def export_gguf(
     layout = read_layout(model_dir)
     check_output(output, overwrite)
     wanted, file_type = WRITER_TYPES[quant]
-    tensors = {name: data for name, data in hf_tensors(model_dir)}
-    rows = tensors["model.embed_tokens.weight"].shape[0]
+    rows = embedding_rows(model_dir)
     fields, tokenizer_source = tokenizer_fields(
         model_dir, rows, Path(tokenizer_gguf) if tokenizer_gguf else None, Path(source_dir) if source_dir else None
     )
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[layout.arch.upper()], len(layout.layers))
-    if layout.config.get("tie_word_embeddings", False):
-        tensors.pop("lm_head.weight", None)  # llama.cpp reuses token_embd when output.weight is absent
+    tied = layout.config.get("tie_word_embeddings", False)  # llama.cpp reuses token_embd without output.weight
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.resolve().parent)
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, layout.arch)
         add_hparams(writer, layout, str(layout.config.get("_name_or_path") or model_dir.name), file_type, rows)
         vocab.add_fields(writer, fields)
-        theta, rope = rope_settings(layout.config)
-        if rope["rope_type"] == "llama3":
-            factors = llama3_rope_factors(layout.config, rope, layout.head_dim, theta)
+        if layout.rope["rope_type"] == "llama3":
+            factors = llama3_rope_factors(layout.rope, layout.head_dim, layout.rope_theta)
             writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
-        for name, data in tensors.items():
-            data = convert_tensor(name, data, layout)
-            kind = tensor_type(gguf_name(name, names), data, wanted)
+        for name, data in hf_tensors(model_dir):
+            if tied and name == "lm_head.weight":
+                continue
+            data, target = convert_tensor(name, data, layout), gguf_name(name, names)
+            kind = tensor_type(target, data, wanted)
             encoded = encode(data, kind)  # quantised types: uint8 rows of blocks, the writer derives the shape
-            writer.add_tensor(gguf_name(name, names), encoded, raw_dtype=None if encoded.dtype != np.uint8 else kind)
+            writer.add_tensor(target, encoded, raw_dtype=None if encoded.dtype != np.uint8 else kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -344,10 +358,7 @@ def export_gguf(
 
 def gguf_layers(path: str | Path) -> dict[str, Any]:
     """Architecture and per-layer widths of a GGUF file (for ``adapruner info FILE.gguf``)."""
-    try:
-        reader = gguf.GGUFReader(Path(path))
-    except Exception as exc:
-        raise AdaPrunerError(f"{path} is not a readable GGUF file ({exc})") from None
+    reader = vocab.open_gguf(path)
     fields = reader.fields
     arch = fields["general.architecture"].contents()
     blocks = int(fields[f"{arch}.block_count"].contents())

@@ -58,18 +58,23 @@ class Field:
 TokenizerFields = dict[str, Field]
 
 
-def read_fields(path: str | Path, prefix: str = TOKENIZER_PREFIX) -> TokenizerFields:
-    """The ``prefix`` keys of a GGUF file (values decoded), or a one-line error."""
+def open_gguf(path: str | Path) -> gguf.GGUFReader:
+    """A GGUF file's reader, or a one-line error."""
     path = Path(path)
     if not path.is_file():
-        raise AdaPrunerError(f"tokenizer GGUF {path} does not exist: give a GGUF of the dense model")
+        raise AdaPrunerError(f"GGUF file {path} does not exist: check the path")
     try:
-        reader = gguf.GGUFReader(path)
+        return gguf.GGUFReader(path)
     except Exception as exc:
         raise AdaPrunerError(f"{path} is not a readable GGUF file ({exc})") from None
+
+
+def read_fields(path: str | Path, reader: gguf.GGUFReader | None = None) -> TokenizerFields:
+    """The tokenizer keys of a GGUF file (values decoded), or a one-line error."""
+    reader = reader or open_gguf(path)
     fields: TokenizerFields = {}
     for name, field in reader.fields.items():
-        if not name.startswith(prefix):
+        if not name.startswith(TOKENIZER_PREFIX):
             continue
         vtype = field.types[0]
         sub_type = field.types[1] if vtype == GGUFValueType.ARRAY and len(field.types) > 1 else None
@@ -90,8 +95,8 @@ def token_count(fields: TokenizerFields) -> int:
 
 def save_tokenizer_gguf(source: str | Path, destination: str | Path) -> Path:
     """Write the tokenizer keys of ``source`` (a model GGUF) to a tensor-less GGUF at ``destination``."""
-    fields = read_fields(source)
-    reader = gguf.GGUFReader(source)
+    reader = open_gguf(source)
+    fields = read_fields(source, reader)
     arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(str(destination), arch)
     add_fields(writer, fields)
@@ -110,20 +115,14 @@ def check_text_hash(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
 
 
-def adds_bos(model_dir: Path) -> bool:
+def adds_bos(tokenizer: Any) -> bool:
     """Whether transformers puts BOS before a text (llama.cpp must then do the same)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer.encode("a")[:1] == [bos]
 
 
-def pre_tokenizer_name(model_dir: Path) -> str:
+def pre_tokenizer_name(tokenizer: Any, model_dir: Path) -> str:
     """llama.cpp's name for how this tokenizer splits text, recognised by its ids on CHECK_TEXT."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     digest = check_text_hash(tokenizer)
     name = KNOWN_PRE_TOKENIZERS.get(digest)
     if name is None:
@@ -174,9 +173,12 @@ def tokens_and_types(data: dict[str, Any], rows: int) -> tuple[list[str], list[i
 
 def fields_from_hf(model_dir: str | Path, rows: int) -> TokenizerFields:
     """Tokenizer keys built from a Hugging Face tokenizer directory (see the module docstring)."""
+    from transformers import AutoTokenizer
+
     model_dir = Path(model_dir)
     data = _tokenizer_json(model_dir)
-    pre = pre_tokenizer_name(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pre = pre_tokenizer_name(tokenizer, model_dir)
     tokens, types = tokens_and_types(data, rows)
     collector = gguf.GGUFWriter(None, "llama")  # only collects key-values, never written
     collector.add_tokenizer_model("gpt2")
@@ -184,7 +186,7 @@ def fields_from_hf(model_dir: str | Path, rows: int) -> TokenizerFields:
     collector.add_token_list(tokens)
     collector.add_token_types(types)
     gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=rows).add_to_gguf(collector, quiet=True)
-    fields: TokenizerFields = {f"{TOKENIZER_PREFIX}ggml.add_bos_token": Field(adds_bos(model_dir), GGUFValueType.BOOL)}
+    fields: TokenizerFields = {f"{TOKENIZER_PREFIX}ggml.add_bos_token": Field(adds_bos(tokenizer), GGUFValueType.BOOL)}
     for shard in collector.kv_data:
         for name, value in shard.items():
             if name.startswith(TOKENIZER_PREFIX):
