@@ -227,7 +227,31 @@ def test_cli_export_and_info_on_the_file(tmp_path):
     again = runner.invoke(app, ["export", str(root / "pruned"), "--output", str(out), "--tokenizer-gguf", str(tok)])
     assert again.exit_code == 2 and "exists" in again.output and len(again.output.strip().splitlines()) == 1
     bad = runner.invoke(app, ["export", str(root / "pruned"), "--output", str(tmp_path / "x.gguf"), "--format", "onnx"])
-    assert bad.exit_code == 2 and "unknown --format 'onnx'" in bad.output
+    assert bad.exit_code == 2 and "unknown export format 'onnx'" in bad.output
+
+
+def test_cli_prune_with_align_and_export_writes_the_gguf_inside_the_model(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("ADAPRUNER_CACHE", str(tmp_path / "cache"))
+    save_tiny(tmp_path / "tiny")
+    digest = vocab.check_text_hash(AutoTokenizer.from_pretrained(tmp_path / "tiny"))  # the tiny BPE, named
+    monkeypatch.setitem(vocab.KNOWN_PRE_TOKENIZERS, digest, "gpt-2")
+    from conftest import write_corpus
+
+    write_corpus(tmp_path / "corpus.txt")
+    runner = CliRunner()
+    common = ["prune", str(tmp_path / "tiny"), "--ratio", "0.2", "--calibration", str(tmp_path / "corpus.txt")]
+    common += ["--seq-len", "16", "--layers", "1:4", "--align", "8"]
+    bad = runner.invoke(app, [*common, "--output", str(tmp_path / "bad"), "--export", "gguf", "--quant", "q9"])
+    assert bad.exit_code == 2 and "unknown --quant 'q9'" in bad.output and not (tmp_path / "bad").exists()
+    done = runner.invoke(app, [*common, "--output", str(tmp_path / "out"), "--export", "gguf", "--quant", "q8_0"])
+    assert done.exit_code == 0, done.output
+    exported = gguf_layers(tmp_path / "out" / "model-q8_0.gguf")
+    assert exported["architecture"] == "deci" and "architecture deci, q8_0" in " ".join(done.output.split())
+    assert exported["channels"][0] == 40 and all(c % 8 == 0 and c < 40 for c in exported["channels"][1:])
+    record = json.loads((tmp_path / "out" / "adapruner.json").read_text())
+    assert record["config"]["align"] == 8
 
 
 @pytest.mark.real

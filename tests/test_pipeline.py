@@ -33,8 +33,14 @@ def tiny_run_config(root, **overrides):
 
 
 def test_run_does_every_stage_once_and_reports(tiny_model_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from adapruner.export import tokenizer as vocab
+
     root = tiny_model_dir
-    cfg = tiny_run_config(root)
+    digest = vocab.check_text_hash(AutoTokenizer.from_pretrained(root / "tiny"))  # name the tiny BPE for llama.cpp
+    monkeypatch.setitem(vocab.KNOWN_PRE_TOKENIZERS, digest, "gpt-2")
+    cfg = tiny_run_config(root, align=4, export="gguf", export_quant="f32")
     evaluations = run(cfg, root / "run")
     recovered = recovery_label(cfg.recovery_options(baseline=False))
     assert recovered.startswith("KD") and recovery_label(cfg.recovery_options(baseline=True)) == "LoRA"
@@ -55,6 +61,14 @@ def test_run_does_every_stage_once_and_reports(tiny_model_dir, monkeypatch):
     ours = json.loads((recovered_dir / "adapruner.json").read_text())
     assert ours["search"]["run"] == str(root / "run" / "search")
     assert ours["finetune"]["loss"] == "kd+lm" and ours["finetune"]["teacher"] == str(root / "tiny")
+    for model in (recovered_dir, root / "run" / "llm-pruner"):  # align 4: every layer's channels on the grid
+        shapes = json.loads((model / "adapruner.json").read_text())["layer_shapes"]
+        widths = [layer["intermediate_size"] for layer in shapes]
+        assert all(w % 4 == 0 for w in widths) and min(widths) < 40, widths
+    from adapruner.export import gguf_layers
+
+    exported = gguf_layers(recovered_dir / "model-f32.gguf")  # the final model, as llama.cpp reads it
+    assert exported["channels"] == [layer["intermediate_size"] for layer in ours["layer_shapes"]]
     baseline = json.loads((root / "run" / "llm-pruner-lora" / "adapruner.json").read_text())["finetune"]
     assert baseline["loss"] == "lm" and baseline["method"] == "lora" and baseline["teacher"] is None
     assert baseline["lr"] == 1e-4  # LLM-Pruner's own setting, not the measured LoRA default
@@ -63,7 +77,9 @@ def test_run_does_every_stage_once_and_reports(tiny_model_dir, monkeypatch):
     assert set(evaluations) <= set(rows), rows
     assert "Stage times" in report and "<table>" in (root / "run" / "report.html").read_text()
     times = json.loads((root / "run" / "stages.json").read_text())
-    assert {"search", "prune adapruner", "finetune adapruner", f"evaluate AdaPruner + {recovered}"} <= set(times)
+    assert {"search", "prune adapruner", "finetune adapruner", "export", f"evaluate AdaPruner + {recovered}"} <= set(
+        times
+    )
 
     # a rerun finds every stage done: nothing is recomputed (no stage may run again)
     def fail(*args, **kwargs):
@@ -87,6 +103,10 @@ def test_run_config_errors(tmp_path):
     path.write_text("model: x\nratio: 0.2\nfinetune: {rank: 3}\n")
     with pytest.raises(AdaPrunerError, match="fine-tuning option"):
         load_run_config(path)
+    with pytest.raises(AdaPrunerError, match="unknown export format 'onnx'"):
+        load_run_config(None, model="x", ratio=0.2, export="onnx")
+    with pytest.raises(AdaPrunerError, match="unknown --quant 'q9'"):
+        load_run_config(None, model="x", ratio=0.2, export="gguf", export_quant="q9")
     path.write_text("model: x\nratio: 0.2\ntasks: [boolq, nosuchtask]\nlimit: 5\n")
     with pytest.raises(AdaPrunerError, match="nosuchtask"):
         load_run_config(path)

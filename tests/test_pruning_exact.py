@@ -90,12 +90,12 @@ def test_budget_meets_ratio_closely():
     assert all(c[0] == 6 for c in keep.counts[1:5])  # attention_scale 0 leaves heads whole
 
 
-def test_round_to_multiple():
+def test_align_multiple():
     from conftest import make_tiny
 
     model = make_tiny("llama-mha")
     adapter = get_adapter(model)
-    keep = solve_keep_counts(adapter, Budget(0.2, (0, 4), round_to=8), count_params(model))
+    keep = solve_keep_counts(adapter, Budget(0.2, (0, 4), align=8), count_params(model))
     assert all(c[1] % 8 == 0 for c in keep.counts)
 
 

@@ -139,6 +139,28 @@ def test_mutations_and_random_allocations_keep_the_budget_within_one_channel(rat
     assert params_to_counts({"attn_0": 2, "mlp_0": 7, "allocation": "per-layer"}) == {0: (2, 7)}
 
 
+@pytest.mark.parametrize("ratio", [0.1, 0.3])
+def test_aligned_allocations_keep_multiples_of_align_and_the_budget_within_align_channels(ratio):
+    model = make_tiny("qwen2-gqa", layers=6)
+    budget = allocation_budget(model, ratio, SearchSpace(max_removal=0.9, align=8), "auto")
+    rng = random.Random(0)
+    tolerance = 8 * max(lim.mlp_params for lim in budget.limits.values())
+    counts = budget.random(rng)
+    seen = set()
+    for _ in range(100):
+        child = budget.mutate(counts, rng, scale=rng.choice((1, 2)))
+        assert abs(budget.removed(child) - budget.target) <= tolerance
+        for layer, (_attn, mlp) in child.items():
+            lim = budget.limits[layer]
+            assert mlp == lim.mlp_dense or (mlp % 8 == 0 and lim.mlp_min <= mlp < lim.mlp_dense)
+            seen.add(mlp)
+        counts = child
+    assert len(seen) > 2  # the search still moves widths, on the grid
+    assert all(mlp % 8 == 0 for level in budget.uniform_levels() for _attn, mlp in level.values())
+    with pytest.raises(AdaPrunerError, match="align must be >= 1"):
+        SearchSpace(align=0)
+
+
 def test_coarse_to_fine_moves_more_channels_early_and_one_level_late():
     from adapruner.search.evolution import Proposer
 

@@ -58,7 +58,7 @@ class PruneConfig:
     layers: str | None = None
     head_mode: str = "auto"
     attention_scale: float = 1.0
-    round_to: int = 1
+    align: int = 1
     seed: int = 0
     dtype: str = "float32"
     mix: dict[str, float] | None = None
@@ -184,7 +184,7 @@ class PruneConfig:
             self.ratio,
             layer_range,
             self.attention_scale,
-            self.round_to,
+            self.align,
             self.head_mode,
             self.depth_slope,
             self.depth_bend,
@@ -487,7 +487,7 @@ def plan_for_scores(model: torch.nn.Module, scores: Scores, budget: Budget, cfg:
     dense_params = count_params(model)
     keep = solve_keep_counts(adapter, budget, dense_params)
     ranked = allocation_offsets(scores, budget, cfg.ranking_mode)
-    plan = plan_from_scores(adapter, ranked, keep, cfg.head_mode, round_to=cfg.round_to, ranking=cfg.ranking_mode)
+    plan = plan_from_scores(adapter, ranked, keep, cfg.head_mode, align=cfg.align, ranking=cfg.ranking_mode)
     return plan, {"layers": list(budget.layers), "dense_params": dense_params, "rate": keep.rate}
 
 
@@ -540,6 +540,7 @@ def _options_from_run(run_dir: Path) -> tuple[float, dict[str, Any], dict[str, A
             options |= {"keep_counts": [list(c) for c in config["counts"]], "layers": None}
             options["max_removal"] = best["space"]["max_removal"]
         options["uniform"] = bool(best.get("space", {}).get("uniform", False))
+        options["align"] = int(best.get("space", {}).get("align", 1))
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise AdaPrunerError(f"{path} is corrupted ({exc}): run the search again") from None
     return float(best["ratio"]), options, {"pool": pool, "subset": best["best"]["subset"], "run": str(run_dir)}
@@ -823,10 +824,9 @@ def export(
     (the recorded ``source_model``), else from the Hugging Face tokenizer. Returns an
     :class:`adapruner.export.ExportResult`. See :mod:`adapruner.export.gguf`.
     """
-    from .export import export_gguf
+    from .export import check_export_request, export_gguf
 
-    if format != "gguf":
-        raise AdaPrunerError(f"unknown --format '{format}': gguf is the one export format")
+    check_export_request(format, quant)
     source = None  # the dense model's directory, resolved as `prune` resolved it, if it is on this disk
     if (Path(model_dir) / "adapruner.json").is_file():
         from .assets import resolve_model

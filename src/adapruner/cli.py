@@ -78,7 +78,14 @@ SeqLen = Annotated[int, typer.Option(help="Tokens per calibration sample.")]
 Layers = Annotated[str | None, typer.Option(help="Layer range START:END to prune (default: LLM-Pruner's).")]
 HeadMode = Annotated[str, typer.Option(help="auto, kv-group or query.")]
 AttentionScale = Annotated[float, typer.Option(help="Attention rate / MLP rate (0: attention whole).")]
-RoundTo = Annotated[int, typer.Option(help="Round kept MLP channels to this multiple.")]
+Align = Annotated[
+    int,
+    typer.Option(
+        "--align",
+        "--round-to",
+        help="Kept MLP channels of every pruned layer a multiple of this (64, 256: what kernels and K-quants like).",
+    ),
+]
 GlobalRanking = Annotated[bool, typer.Option(help="Rank units of a kind across layers instead of per layer.")]
 Seed = Annotated[int, typer.Option(help="Seed for calibration sampling and the random metric.")]
 Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
@@ -126,6 +133,43 @@ RefitDevice = Annotated[
         "one decoder layer at a time on the device."
     ),
 ]
+
+ExportFormat = Annotated[
+    str | None, typer.Option("--export", help="Also write the result for an engine: gguf (llama.cpp).")
+]
+Quant = Annotated[
+    str,
+    typer.Option(
+        help="Matrix type of the GGUF: f32, f16, bf16, q8_0 (written here) or a llama.cpp type (q4_k_m, q6_k, "
+        "q4_0 ...: quantised by llama.cpp, needs adapruner[engine])."
+    ),
+]
+
+
+def _check_export(export: str | None, quant: str) -> None:
+    """Refuse a bad --export/--quant before minutes of pruning."""
+    if export is not None:
+        from .export import check_export_request
+
+        check_export_request(export, quant)
+
+
+def _export_into(model_dir: Path, export: str | None, quant: str) -> None:
+    """``--export gguf``: the model in ``model_dir`` as ``model_dir/model-QUANT.gguf``."""
+    if export is None:
+        return
+    from . import api
+    from .export import default_gguf_name
+
+    result = api.export(model_dir, model_dir / default_gguf_name(quant), quant=quant, overwrite=True)
+    _print_export(result)
+
+
+def _print_export(result) -> None:
+    out.print(
+        f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB, architecture {result.arch}, {result.tensor_type}; "
+        f"tokenizer from {result.tokenizer_source})"
+    )
 
 
 Uniform = Annotated[
@@ -184,7 +228,7 @@ def prune(
     layers: Layers = None,
     head_mode: HeadMode = "auto",
     attention_scale: AttentionScale = 1.0,
-    round_to: RoundTo = 1,
+    align: Align = 1,
     global_ranking: GlobalRanking = False,
     attention_metric: AttentionMetric = None,
     depth_slope: DepthSlope = 0.0,
@@ -208,10 +252,13 @@ def prune(
     batch_size: BatchSize = None,
     gradient_checkpointing: Checkpointing = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    export: ExportFormat = None,
+    quant: Quant = "f16",
 ) -> None:
-    """Prune MODEL by RATIO of its parameters and save a loadable HF directory."""
+    """Prune MODEL by RATIO of its parameters and save a loadable HF directory (and a GGUF with --export gguf)."""
     from . import api
 
+    _check_export(export, quant)
     options = _config_options(locals())
     if method is not None:
         options = _given(ctx, options) | {"method": method}
@@ -230,6 +277,7 @@ def prune(
         f"{sum(result.timings.values()):.1f}",
     )
     out.print(table)
+    _export_into(output, export, quant)
 
 
 @app.command()
@@ -247,7 +295,7 @@ def importance(
     layers: Layers = None,
     head_mode: HeadMode = "auto",
     attention_scale: AttentionScale = 1.0,
-    round_to: RoundTo = 1,
+    align: Align = 1,
     global_ranking: GlobalRanking = False,
     attention_metric: AttentionMetric = None,
     depth_slope: DepthSlope = 0.0,
@@ -304,16 +352,26 @@ def search(
     study: Annotated[str, typer.Option(help="Study name inside the storage.")] = "adapruner",
     seed: Seed = 0,
     dtype: Dtype = "float32",
+    align: Annotated[
+        int | None, typer.Option(help="Kept MLP channels of every trial a multiple of this (as prune --align).")
+    ] = None,
+    export: Annotated[
+        str | None,
+        typer.Option("--export", help="Prune the winner into OUTPUT/pruned and write it for an engine: gguf."),
+    ] = None,
+    quant: Quant = "f16",
 ) -> None:
     """Search calibration data x importance metric x allocation with TPE; rerun to continue."""
     from .search import SearchSpace, load_space
     from .search import search as run_search
 
+    _check_export(export, quant)
     overrides = {
         "space": space,
         "sources": _split(sources) if sources else None,
         "metrics": _split(metrics) if metrics else None,
         "uniform": uniform or None,
+        "align": align,
     }
     search_space = (
         load_space(config, **overrides)
@@ -350,7 +408,15 @@ def search(
         table.add_row(f"{name} recipe (trial {start['trial']}, warm start)", f"{start['value']:.2f}", "")
     table.add_row(f"best (trial {best['trial']})", f"{best['value']:.2f}", describe_trial(best["config"]))
     out.print(table)
-    out.print(f"prune with it: adapruner prune {model} --from-run {output} --output DIR")
+    if export is None:
+        out.print(f"prune with it: adapruner prune {model} --from-run {output} --output DIR")
+        return
+    from . import api
+
+    pruned = output / "pruned"
+    api.prune(model, from_run=output, output=pruned, overwrite=True, dtype=dtype)
+    out.print(f"pruned the best trial into {pruned}")
+    _export_into(pruned, export, quant)
 
 
 def describe_trial(cfg: dict) -> str:
@@ -610,7 +676,7 @@ def export(
     model_dir: Annotated[Path, typer.Argument(help="A directory written by `adapruner prune` (or any local model).")],
     output: Annotated[Path, typer.Option(help="The file to write (e.g. model.gguf).")],
     format: Annotated[str, typer.Option(help="Export format.")] = "gguf",
-    quant: Annotated[str, typer.Option(help="Matrix type: f32, f16, bf16 or q8_0.")] = "f16",
+    quant: Quant = "f16",
     tokenizer_gguf: Annotated[
         Path | None, typer.Option(help="Copy the tokenizer fields from this GGUF of the dense model.")
     ] = None,
@@ -622,10 +688,7 @@ def export(
     result = api.export(
         model_dir, output, format=format, quant=quant, tokenizer_gguf=tokenizer_gguf, overwrite=overwrite
     )
-    out.print(
-        f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB, architecture {result.arch}, {result.tensor_type}; "
-        f"tokenizer from {result.tokenizer_source})"
-    )
+    _print_export(result)
 
 
 def _gguf_info(path: Path) -> None:
@@ -696,6 +759,13 @@ def run_pipeline(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Search seed.")] = None,
     uniform: Uniform = False,
+    align: Annotated[
+        int | None, typer.Option(help="Kept MLP channels a multiple of this (search and baseline, as prune --align).")
+    ] = None,
+    export: Annotated[
+        str | None, typer.Option("--export", help="Write the final AdaPruner model for an engine: gguf (llama.cpp).")
+    ] = None,
+    quant: Annotated[str | None, typer.Option(help="Matrix type of the GGUF (as export --quant; default f16).")] = None,
 ) -> None:
     """Search -> prune -> recover (distillation) -> evaluate (dense, LLM-Pruner recipe, AdaPruner), with a report."""
     from .pipeline import load_run_config, run
@@ -711,6 +781,9 @@ def run_pipeline(
         baseline=baseline,
         seed=seed,
         uniform=uniform or None,
+        align=align,
+        export=export,
+        export_quant=quant,
     )
     if no_finetune:
         cfg.finetune_data = None

@@ -21,6 +21,7 @@ import yaml
 from .data.pool import DEFAULT_POOL_PER_SOURCE
 from .data.sources import ALL_OFFLINE, OFFLINE_SOURCES
 from .errors import AdaPrunerError
+from .export import default_gguf_name
 from .pruning.io import read_record, write_json_atomic, write_text_atomic
 from .util import log, read_options_file
 
@@ -56,6 +57,9 @@ class RunConfig:
     tasks: list[str] = field(default_factory=lambda: list(SEVEN_TASKS))
     limit: int | None = None
     dtype: str = "float32"
+    align: int = 1  # kept MLP channels multiples of this (search and baseline): 64/256 for kernels and K-quants
+    export: str | None = None  # gguf: the final AdaPruner model also as a llama.cpp file
+    export_quant: str = "f16"
 
     def validate(self) -> None:
         from .pruning.plan import Budget
@@ -74,6 +78,10 @@ class RunConfig:
             FinetuneConfig(**self.recovery_options(baseline=True)).validate()
         except TypeError as exc:
             raise AdaPrunerError(f"unknown fine-tuning option in the run config: {exc}") from None
+        if self.export is not None:
+            from .export import check_export_request
+
+            check_export_request(self.export, self.export_quant)
         if self.tasks:
             from .evaluation.zeroshot import check_request
 
@@ -87,7 +95,8 @@ class RunConfig:
         """The SearchSpace: ``search_space`` fields, with ``uniform`` on if the run is uniform."""
         from .search.space import SearchSpace
 
-        return SearchSpace(**(self.search_space | ({"uniform": True} if self.uniform else {})))
+        fixed = ({"uniform": True} if self.uniform else {}) | ({"align": self.align} if self.align != 1 else {})
+        return SearchSpace(**(self.search_space | fixed))
 
 
 def load_run_config(path: str | Path | None, **overrides: Any) -> RunConfig:
@@ -170,6 +179,7 @@ def run(cfg: RunConfig, output: str | Path) -> dict[str, Any]:
                 seed=cfg.seed,
                 calibration=cfg.baseline_calibration,
                 uniform=cfg.uniform,
+                align=cfg.align,
                 **RECIPE,
             ),
         )
@@ -177,6 +187,7 @@ def run(cfg: RunConfig, output: str | Path) -> dict[str, Any]:
     target = run_dir / "adapruner"
     stages.run("prune adapruner", target, lambda: api.prune(cfg.model, from_run=search_dir, output=target))
     models["AdaPruner"] = str(target)
+    final = target  # the AdaPruner model a user keeps: the recovered one when there is a recovery
     if cfg.finetune_data:
         for label in [k for k in models if k != "dense"]:
             source = Path(models[label])
@@ -189,6 +200,10 @@ def run(cfg: RunConfig, output: str | Path) -> dict[str, Any]:
                 lambda s=source, t=target, o=options: finetune(s, cfg.finetune_data, t, **o),
             )
             models[f"{label} + {name}"] = str(target)
+            final = target if label == "AdaPruner" else final
+    if cfg.export is not None:
+        gguf = final / default_gguf_name(cfg.export_quant)
+        stages.run("export", gguf, lambda: api.export(final, gguf, format=cfg.export, quant=cfg.export_quant))
     evaluations = {}
     for label, location in models.items():
         path = run_dir / "eval" / f"{_slug(label)}.json"

@@ -10,13 +10,14 @@ What the file holds comes from the directory alone (``config.json``, the safeten
 tokenizer): tensor names through the ``gguf`` package's name map for the architecture, q/k rows
 permuted into the pair layout of llama.cpp's "normal" rotary embedding where the architecture uses it
 (``llama``, ``deci``; ``qwen2`` uses the NeoX layout of transformers itself), tied embeddings written
-once, 1-D tensors in F32, matrices in F32, F16, BF16 or Q8_0 (the ``gguf`` package's quantisers;
-llama.cpp's K-quants are not wired yet). The tokenizer fields see
+once, 1-D tensors in F32, matrices in F32, F16, BF16 or Q8_0 (the ``gguf`` package's encoders), or any
+type of llama.cpp's own quantiser (:mod:`adapruner.export.engine`). The tokenizer fields see
 :mod:`adapruner.export.tokenizer`. The file is written to a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from gguf import GGMLQuantizationType, LlamaFileType
 
 from ..errors import AdaPrunerError
 from ..models.base import LayerShape, adapter_class_for
+from . import engine
 from . import tokenizer as vocab
 
 DECI = "deci"
@@ -111,9 +113,12 @@ def read_layout(model_dir: Path) -> ModelLayout:
     head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
     check_expressible(layers)
     theta, rope = rope_settings(config)  # an unsupported scaling is refused before any tensor is read
+    arch = FAMILY_ARCH[family]
     uniform = len(set(layers)) == 1 and not extra_biases(config)
+    # llama.cpp's qwen2 graph sizes q/o as hidden x hidden: a model with pruned heads needs deci's arrays
+    stock = uniform and (arch != "qwen2" or layers[0].num_attention_heads * head_dim == int(config["hidden_size"]))
     return ModelLayout(
-        arch=FAMILY_ARCH[family] if uniform else DECI,
+        arch=arch if stock else DECI,
         layers=layers,
         head_dim=head_dim,
         hidden_size=int(config["hidden_size"]),
@@ -304,6 +309,26 @@ def check_output(output: Path, overwrite: bool) -> None:
         raise AdaPrunerError(f"cannot write {output}: {parent} is not a writable directory")
 
 
+FORMATS = ("gguf",)
+
+
+def check_export_request(format: str, quant: str) -> None:
+    """A known format and matrix type, and llama.cpp's binding where its quantiser is needed (one line)."""
+    if format not in FORMATS:
+        raise AdaPrunerError(f"unknown export format '{format}': gguf is the one export format")
+    if quant not in WRITER_TYPES and quant not in engine.LLAMA_QUANTS:
+        raise AdaPrunerError(
+            f"unknown --quant '{quant}': choose among {', '.join([*WRITER_TYPES, *engine.LLAMA_QUANTS])}"
+        )
+    if quant in engine.LLAMA_QUANTS:
+        engine.llama_cpp()
+
+
+def default_gguf_name(quant: str) -> str:
+    """The file name ``--export gguf`` writes inside a model directory."""
+    return f"model-{quant}.gguf"
+
+
 def export_gguf(
     model_dir: str | Path,
     output: str | Path,
@@ -315,45 +340,66 @@ def export_gguf(
 ) -> ExportResult:
     """Write ``model_dir`` as a GGUF at ``output`` (see the module docstring); complete or not at all.
 
-    ``source_dir``: the dense model's directory, where a kept ``tokenizer.gguf`` is looked for.
+    ``quant``: f32, f16, bf16 or q8_0 (written here), or a type of llama.cpp's quantiser (q4_k_m, q6_k…:
+    written as F16 first, then quantised by llama.cpp). ``source_dir``: the dense model's directory, where
+    a kept ``tokenizer.gguf`` is looked for.
     """
     model_dir, output = Path(model_dir), Path(output)
-    if quant not in WRITER_TYPES:
-        raise AdaPrunerError(f"unknown --quant '{quant}': choose among {', '.join(WRITER_TYPES)}")
+    check_export_request("gguf", quant)
     layout = read_layout(model_dir)
     check_output(output, overwrite)
-    wanted, file_type = WRITER_TYPES[quant]
     rows = embedding_rows(model_dir)
     fields, tokenizer_source = tokenizer_fields(
         model_dir, rows, Path(tokenizer_gguf) if tokenizer_gguf else None, Path(source_dir) if source_dir else None
     )
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[layout.arch.upper()], len(layout.layers))
-    tied = layout.config.get("tie_word_embeddings", False)  # llama.cpp reuses token_embd without output.weight
+    name = str(layout.config.get("_name_or_path") or model_dir.name)
+    with temporary_file(output) as tmp:
+        if quant in WRITER_TYPES:
+            write_gguf(tmp, model_dir, layout, fields, name, quant, rows)
+        else:
+            with temporary_file(output) as f16:
+                write_gguf(f16, model_dir, layout, fields, name, "f16", rows)
+                engine.quantize(f16, tmp, quant)
+        os.replace(tmp, output)
+    return ExportResult(output, layout.arch, quant, tokenizer_source, layout.layers, output.stat().st_size)
+
+
+@contextlib.contextmanager
+def temporary_file(output: Path) -> Iterator[Path]:
+    """A fresh name beside ``output`` (same file system, so the final rename is atomic), removed on exit."""
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.resolve().parent)
     os.close(fd)
     try:
-        writer = gguf.GGUFWriter(tmp, layout.arch)
-        add_hparams(writer, layout, str(layout.config.get("_name_or_path") or model_dir.name), file_type, rows)
-        vocab.add_fields(writer, fields)
-        if layout.rope["rope_type"] == "llama3":
-            factors = llama3_rope_factors(layout.rope, layout.head_dim, layout.rope_theta)
-            writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
-        for name, data in hf_tensors(model_dir):
-            if tied and name == "lm_head.weight":
-                continue
-            data, target = convert_tensor(name, data, layout), gguf_name(name, names)
-            kind = tensor_type(target, data, wanted)
-            encoded = encode(data, kind)  # quantised types: uint8 rows of blocks, the writer derives the shape
-            writer.add_tensor(target, encoded, raw_dtype=None if encoded.dtype != np.uint8 else kind)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, output)
+        yield Path(tmp)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return ExportResult(output, layout.arch, quant, tokenizer_source, layout.layers, output.stat().st_size)
+
+
+def write_gguf(
+    path: Path, model_dir: Path, layout: ModelLayout, fields: vocab.TokenizerFields, name: str, quant: str, rows: int
+) -> None:
+    """Metadata, tokenizer fields and every tensor of ``model_dir`` into ``path`` with the gguf writer."""
+    wanted, file_type = WRITER_TYPES[quant]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[layout.arch.upper()], len(layout.layers))
+    tied = layout.config.get("tie_word_embeddings", False)  # llama.cpp reuses token_embd without output.weight
+    writer = gguf.GGUFWriter(str(path), layout.arch)
+    add_hparams(writer, layout, name, file_type, rows)
+    vocab.add_fields(writer, fields)
+    if layout.rope["rope_type"] == "llama3":
+        factors = llama3_rope_factors(layout.rope, layout.head_dim, layout.rope_theta)
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
+    for tensor_name, data in hf_tensors(model_dir):
+        if tied and tensor_name == "lm_head.weight":
+            continue
+        converted, target = convert_tensor(tensor_name, data, layout), gguf_name(tensor_name, names)
+        kind = tensor_type(target, converted, wanted)
+        encoded = encode(converted, kind)  # quantised types: uint8 rows of blocks, the writer derives the shape
+        writer.add_tensor(target, encoded, raw_dtype=None if encoded.dtype != np.uint8 else kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def gguf_layers(path: str | Path) -> dict[str, Any]:

@@ -122,13 +122,13 @@ class Budget:
     ``attention_scale=0`` leaves attention whole. The depth profile ``w`` (mean 1) is a smooth curve
     over the pruned layers: ``depth_slope > 0`` cuts deeper layers more, ``depth_bend > 0`` cuts both
     ends more than the middle; both 0 is LLM-Pruner's uniform rate. MLP keep counts are rounded to
-    ``round_to``.
+    ``align``.
     """
 
     ratio: float
     layers: tuple[int, int] | None = None
     attention_scale: float = 1.0
-    round_to: int = 1
+    align: int = 1
     head_mode: HeadMode = "auto"
     depth_slope: float = 0.0
     depth_bend: float = 0.0
@@ -138,8 +138,8 @@ class Budget:
             raise AdaPrunerError(f"ratio {self.ratio} is outside (0, 1): give the fraction to remove, e.g. 0.2")
         if self.attention_scale < 0:
             raise AdaPrunerError("attention scale must be >= 0 (0 leaves attention whole)")
-        if self.round_to < 1:
-            raise AdaPrunerError("--round-to must be a positive integer")
+        if self.align < 1:
+            raise AdaPrunerError("--align must be a positive integer (1: free widths)")
         if not (abs(self.depth_slope) <= MAX_DEPTH_PARAM and abs(self.depth_bend) <= MAX_DEPTH_PARAM):
             raise AdaPrunerError(
                 f"--depth-slope and --depth-bend must lie in [-{MAX_DEPTH_PARAM}, {MAX_DEPTH_PARAM}] (0: uniform)"
@@ -184,9 +184,9 @@ def _keep_units(group: GroupSet, rate: float) -> int:
     return keep * group.blocks
 
 
-def _keep_channels(group: GroupSet, rate: float, round_to: int) -> int:
+def _keep_channels(group: GroupSet, rate: float, align: int) -> int:
     keep = group.num_units * (1.0 - min(rate, 1.0))
-    keep = max(round_to, round(keep / round_to) * round_to) if round_to > 1 else max(1, round(keep))
+    keep = max(align, round(keep / align) * align) if align > 1 else max(1, round(keep))
     return min(keep, group.num_units)
 
 
@@ -201,7 +201,7 @@ def solve_keep_counts(adapter: ModelAdapter, budget: Budget, total_params: int) 
         counts, removed = [], 0
         for (attn, mlp), weight in zip(groups, profile, strict=True):
             a = _keep_units(attn, budget.attention_scale * rate * weight)
-            m = _keep_channels(mlp, rate * weight, budget.round_to)
+            m = _keep_channels(mlp, rate * weight, budget.align)
             counts.append((a, m))
             removed += (attn.num_units - a) * attn.params_per_unit + (mlp.num_units - m) * mlp.params_per_unit
         return counts, removed
@@ -265,7 +265,7 @@ def plan_from_scores(
     keep: KeepCounts,
     head_mode: HeadMode,
     global_ranking: bool = False,
-    round_to: int = 1,
+    align: int = 1,
     ranking: str | None = None,
 ) -> PrunePlan:
     """Keep the top-scoring units of each pruned layer; layers outside the range stay whole.
@@ -284,9 +284,9 @@ def plan_from_scores(
     """
     ranking = ranking or ("global" if global_ranking else "layer")
     if ranking == "global":
-        keep = _global_keep_counts(adapter, scores, keep, head_mode, round_to)
+        keep = _global_keep_counts(adapter, scores, keep, head_mode, align)
     elif ranking == "global-all":
-        keep = _joint_keep_counts(adapter, scores, keep, head_mode, round_to)
+        keep = _joint_keep_counts(adapter, scores, keep, head_mode, align)
     elif ranking != "layer":
         raise AdaPrunerError(f"unknown ranking '{ranking}': choose one of {', '.join(RANKINGS)}")
     plan = PrunePlan.keep_all(adapter)
@@ -316,7 +316,7 @@ def _removal_steps(scores: torch.Tensor, blocks: int, step: int) -> list[float]:
 
 
 def _global_keep_counts(
-    adapter: ModelAdapter, scores: Scores, keep: KeepCounts, head_mode: HeadMode, round_to: int
+    adapter: ModelAdapter, scores: Scores, keep: KeepCounts, head_mode: HeadMode, align: int
 ) -> KeepCounts:
     layers = [i for i, c in enumerate(keep.counts) if c is not None]
     counts = {i: list(keep.counts[i]) for i in layers}
@@ -325,7 +325,7 @@ def _global_keep_counts(
         removed_units = 0
         for layer in layers:
             group = attention_group(adapter, layer, head_mode) if kind == "attention" else mlp_group(adapter, layer)
-            size = group.blocks if kind == "attention" else round_to
+            size = group.blocks if kind == "attention" else align
             blocks = group.blocks if kind == "attention" else 1
             steps += [
                 (cost, layer, k)
@@ -343,11 +343,11 @@ def _global_keep_counts(
 
 
 def _joint_keep_counts(
-    adapter: ModelAdapter, scores: Scores, keep: KeepCounts, head_mode: HeadMode, round_to: int
+    adapter: ModelAdapter, scores: Scores, keep: KeepCounts, head_mode: HeadMode, align: int
 ) -> KeepCounts:
     """Remove the lowest-scoring removal steps of both kinds, across layers, until the parameter target.
 
-    A step is the next unit of every block (attention) or the next ``round_to`` channels (MLP); it is
+    A step is the next unit of every block (attention) or the next ``align`` channels (MLP); it is
     ranked by the mean score of its units and costs their parameters. Steps of one layer and kind have
     non-decreasing scores, so each layer loses a prefix of its ranking. The walk stops at the step count
     whose removed parameters are closest to the target (FLAP's threshold on the cumulative size).
@@ -358,7 +358,7 @@ def _joint_keep_counts(
     for layer in (i for i, c in enumerate(keep.counts) if c is not None):
         attn, mlp = attention_group(adapter, layer, head_mode), mlp_group(adapter, layer)
         counts[layer] = [attn.num_units, mlp.num_units]
-        for slot, group, blocks, size in ((0, attn, attn.blocks, 1), (1, mlp, 1, round_to)):
+        for slot, group, blocks, size in ((0, attn, attn.blocks, 1), (1, mlp, 1, align)):
             units = blocks * size  # units one step removes
             for k, total in enumerate(_removal_steps(scores[(layer, group.kind)], blocks, size)):
                 steps.append((total / units, layer, slot, k, units, units * group.params_per_unit))

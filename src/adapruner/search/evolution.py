@@ -74,6 +74,7 @@ class AllocationBudget:
     limits: dict[int, LayerLimits]
     target: float
     mlp_levels: int = 32
+    align: int = 1  # kept MLP channels are multiples of this (or the dense count: the layer untouched)
 
     def removed(self, counts: Counts) -> int:
         total = 0
@@ -84,7 +85,7 @@ class AllocationBudget:
 
     def check_reachable(self, ratio: float) -> None:
         """A grid whose deepest candidates cannot remove ``ratio`` of the model is refused (one line)."""
-        deepest = {i: (lim.attn_min, lim.mlp_min) for i, lim in self.limits.items()}
+        deepest = {i: (lim.attn_min, self.snap(lim, lim.mlp_min)) for i, lim in self.limits.items()}
         if self.removed(deepest) < self.target:
             raise AdaPrunerError(
                 f"the per-layer levels cannot reach ratio {ratio}: even the deepest candidates of every layer remove "
@@ -92,7 +93,18 @@ class AllocationBudget:
             )
 
     def mlp_step(self, layer: int) -> int:
-        return max(1, self.limits[layer].mlp_dense // self.mlp_levels)
+        step = max(1, self.limits[layer].mlp_dense // self.mlp_levels)
+        return max(self.align, round(step / self.align) * self.align)
+
+    def snap(self, lim: LayerLimits, mlp: int) -> int:
+        """The MLP count nearest ``mlp`` on the layer's grid: multiples of ``align`` inside its limits, or dense."""
+        if mlp >= lim.mlp_dense or self.align == 1:
+            return min(max(mlp, lim.mlp_min), lim.mlp_dense)
+        low = -(-lim.mlp_min // self.align) * self.align
+        high = lim.mlp_dense // self.align * self.align
+        if low > high:  # no multiple fits between the deepest candidate and dense: the layer stays dense
+            return lim.mlp_dense
+        return min(max(round(mlp / self.align) * self.align, low), high)
 
     def clamp(self, counts: Counts) -> Counts:
         """Counts inside each layer's limits (attention on its block grid)."""
@@ -100,7 +112,7 @@ class AllocationBudget:
         for layer, lim in self.limits.items():
             attn, mlp = counts.get(layer, (lim.attn_dense, lim.mlp_dense))
             attn = min(max(attn - attn % lim.attn_step, lim.attn_min), lim.attn_dense)
-            out[layer] = (attn, min(max(mlp, lim.mlp_min), lim.mlp_dense))
+            out[layer] = (attn, self.snap(lim, mlp))
         return out
 
     def repair(self, counts: Counts, rng: random.Random) -> Counts:
@@ -111,18 +123,18 @@ class AllocationBudget:
         for _ in range(8 * len(layers)):
             gap = self.target - self.removed(counts)  # > 0: remove more
             rng.shuffle(layers)
-            if all(round(gap / self.limits[i].mlp_params) == 0 for i in layers):
+            if all(round(gap / (self.limits[i].mlp_params * self.align)) == 0 for i in layers):
                 return counts
             if not self._move_channels(counts, layers, gap) and not self._move_heads(counts, layers, gap):
                 break
-        if abs(self.target - self.removed(counts)) > max(lim.mlp_params for lim in self.limits.values()):
+        if abs(self.target - self.removed(counts)) > self.align * max(lim.mlp_params for lim in self.limits.values()):
             raise AdaPrunerError("cannot meet the ratio with the per-layer levels: raise the supernet's max_removal")
         return counts
 
     def _move_channels(self, counts: Counts, layers: list[int], gap: float) -> bool:
         for layer in layers:
             lim, (attn, mlp) = self.limits[layer], counts[layer]
-            new = min(max(mlp - round(gap / lim.mlp_params), lim.mlp_min), lim.mlp_dense)
+            new = self.snap(lim, mlp - round(gap / lim.mlp_params))
             if new != mlp:
                 counts[layer] = (attn, new)
                 return True
@@ -144,7 +156,7 @@ class AllocationBudget:
             attention_removed = layers * (lim.attn_dense - attn) * lim.attn_params
             mlp = lim.mlp_dense - round((self.target - attention_removed) / (layers * lim.mlp_params))
             if lim.mlp_min <= mlp <= lim.mlp_dense:
-                levels.append(dict.fromkeys(self.limits, (attn, mlp)))
+                levels.append(dict.fromkeys(self.limits, (attn, self.snap(lim, mlp))))
         if not levels:
             raise AdaPrunerError("--uniform: no level of the supernet removes the ratio: raise its max_removal")
         return levels
@@ -187,9 +199,9 @@ class AllocationBudget:
             counts[layer] = (new, mlp)
         else:
             new = mlp + sign * scale * self.mlp_step(layer)
-            if not lim.mlp_min <= new <= lim.mlp_dense:
+            if not lim.mlp_min <= new <= lim.mlp_dense or self.snap(lim, new) == mlp:
                 return False
-            counts[layer] = (attn, new)
+            counts[layer] = (attn, self.snap(lim, new))
         return True
 
 

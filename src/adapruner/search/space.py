@@ -93,6 +93,7 @@ class SearchSpace:
     # trials, half as many over the second third, one level over the last (1: one level throughout).
     # 4 measured better than 1 on 5 of 6 seeds x ratios (docs/results.md, 2026-12-03)
     coarse_to_fine: int = 4
+    align: int = 1  # kept MLP channels multiples of this in every trial (prune --align): 64/256 for kernels, K-quants
     space: str = "joint"
     # every layer pruned to one size, so the output is the stock architecture (adapruner.pruning.stock): the
     # allocation keeps only the attention share (per-layer ranking, every layer, flat depth profile)
@@ -188,9 +189,10 @@ class SearchSpace:
                 f"the search space's allocations {self.allocations} must list 'profile' (trial 0) and optionally "
                 "'per-layer'"
             )
-        if min(self.profile_trials, self.mlp_levels, self.coarse_to_fine) < 1 or not 0.0 < self.max_removal < 1.0:
+        counts = (self.profile_trials, self.mlp_levels, self.coarse_to_fine, self.align)
+        if min(counts) < 1 or not 0.0 < self.max_removal < 1.0:
             raise AdaPrunerError(
-                "profile_trials, mlp_levels and coarse_to_fine must be >= 1 and max_removal inside (0, 1)"
+                "profile_trials, mlp_levels, coarse_to_fine and align must be >= 1 and max_removal inside (0, 1)"
             )
         if not self.supernet_data or not all(isinstance(d, str) and d.strip(",") for d in self.supernet_data):
             raise AdaPrunerError("the search space's supernet_data must list source specs, e.g. ['wiki,news,squad']")

@@ -89,7 +89,7 @@ def _sampler(name: str, seed: int | None, space: SearchSpace | None = None) -> o
 # SearchSpace fields added after studies existed, with the value those studies ran with: at that value a
 # field leaves the fingerprint as it was, so such a study continues (the default coarse_to_fine became 4
 # after studies ran with 1: continue one of those with `coarse_to_fine: 1` in the space config)
-LATER_FIELDS = {"uniform": False, "coarse_to_fine": 1}
+LATER_FIELDS = {"uniform": False, "coarse_to_fine": 1, "align": 1}
 
 
 def _fingerprinted_fields(space: SearchSpace) -> dict[str, Any]:
@@ -230,6 +230,7 @@ class Objective:
             activation_calibration=None if config.activation_calibration == "pool" else config.activation_calibration,
             refit=config.refit,
             refit_calibration=self.space.refit_calibration,
+            align=self.space.align,
         )
 
     def refit_windows(self, config: TrialConfig) -> torch.Tensor:
@@ -404,7 +405,7 @@ def allocation_budget(model, ratio: float, space: SearchSpace, head_mode: str) -
             attn.params_per_unit,
             mlp.params_per_unit,
         )
-    budget = AllocationBudget(limits, ratio * count_params(model), space.mlp_levels)
+    budget = AllocationBudget(limits, ratio * count_params(model), space.mlp_levels, space.align)
     budget.check_reachable(ratio)
     return budget
 
@@ -425,7 +426,7 @@ def allocation_starts(objective: Objective, ratio: float, head_mode: str):
     adapter = objective.adapter
     uniform = solve_keep_counts(
         adapter,
-        Budget(ratio, default_layer_range(adapter.num_layers), head_mode=head_mode),
+        Budget(ratio, default_layer_range(adapter.num_layers), head_mode=head_mode, align=objective.space.align),
         count_params(adapter.model),
     )
     dense = objective.dense
