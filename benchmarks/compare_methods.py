@@ -82,9 +82,9 @@ from adapruner.assets import MODELS as ASSET_MODELS
 from adapruner.assets import fetch, model_dir
 from adapruner.data.pool import DEFAULT_POOL_PER_SOURCE
 from adapruner.errors import AdaPrunerError
+from adapruner.files import write_json_atomic, write_text_atomic
 from adapruner.methods import METHODS
 from adapruner.pipeline import SEVEN_TASKS
-from adapruner.pruning.io import write_json_atomic, write_text_atomic
 
 ADAPRUNER = "adapruner"
 DEFAULT_GRID = {"smollm2-135m": [0.2, 0.5], "qwen2.5-0.5b": [0.2]}

@@ -44,8 +44,8 @@ from typing import Any
 
 from adapruner import api
 from adapruner.data.sources import ALL_OFFLINE, OFFLINE_SOURCES
+from adapruner.files import write_csv_atomic, write_json_atomic, write_text_atomic
 from adapruner.pipeline import Stages
-from adapruner.pruning.io import write_csv_atomic, write_json_atomic, write_text_atomic
 from adapruner.search.study import search
 
 SOURCES, DATA = OFFLINE_SOURCES, ALL_OFFLINE

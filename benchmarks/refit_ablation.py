@@ -31,11 +31,11 @@ from adapruner.api import PruneConfig, compute_plan, refit_windows
 from adapruner.data import sample_mixture, token_stream
 from adapruner.evaluation import perplexity
 from adapruner.evaluation.perplexity import geometric_mean
+from adapruner.files import write_json_atomic
 from adapruner.local import LocalSettings, applied, local_prune
 from adapruner.models import attention_group, get_adapter
 from adapruner.models.loading import load_model
 from adapruner.pruning import Budget, masked, solve_keep_counts
-from adapruner.pruning.io import write_json_atomic
 from adapruner.pruning.plan import KeepCounts, count_params, default_layer_range
 
 SOURCES = ("wiki", "news", "books", "squad")

@@ -29,8 +29,8 @@ from adapruner import prune
 from adapruner.data import token_stream
 from adapruner.evaluation import perplexity
 from adapruner.evaluation.perplexity import GEOMEAN, geometric_mean
+from adapruner.files import write_json_atomic
 from adapruner.models.loading import load_model
-from adapruner.pruning.io import write_json_atomic
 from adapruner.search import SearchSpace, search
 
 METHODS = {  # name -> (sampler, SearchSpace options)

@@ -27,7 +27,7 @@ from typing import Any
 from adapruner import api
 from adapruner.evaluation.compare import Z95, compare_table
 from adapruner.evaluation.zeroshot import average_stderr
-from adapruner.pruning.io import write_json_atomic, write_text_atomic
+from adapruner.files import write_json_atomic, write_text_atomic
 
 LIMITED = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy")
 WHOLE = ("arc_challenge", "openbookqa")

@@ -360,8 +360,15 @@ def test_bfloat16_pruning_keeps_the_dtype(tiny_model_dir):
     assert load_pruned(root / "out", dtype="bfloat16").model.embed_tokens.weight.dtype == torch.bfloat16
 
 
-def test_search_then_prune_from_run(tiny_model_dir):
+def test_search_then_prune_from_run(tiny_model_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from adapruner.export import gguf_layers
+    from adapruner.export import tokenizer as vocab
+
     root = tiny_model_dir
+    digest = vocab.check_text_hash(AutoTokenizer.from_pretrained(root / "tiny"))  # the tiny BPE, named for llama.cpp
+    monkeypatch.setitem(vocab.KNOWN_PRE_TOKENIZERS, digest, "gpt-2")
     corpus = str(root / "corpus.txt")
     (root / "space.yaml").write_text("metrics: [element1, l2]\nnum_samples: [4, 10]\n")
     result = run(
@@ -387,16 +394,29 @@ def test_search_then_prune_from_run(tiny_model_dir):
         "512",
         "--layers",
         "1:3",
+        "--align",
+        "4",
+        "--export",
+        "gguf",
+        "--quant",
+        "f32",
         "--output",
         root / "run",
     )
     assert result.exit_code == 0, result.output
-    assert {"study.db", "best.json", "trials.csv"} <= {p.name for p in (root / "run").iterdir()}
+    assert {"study.db", "best.json", "trials.csv", "pruned"} <= {p.name for p in (root / "run").iterdir()}
     space = json.loads((root / "run" / "best.json").read_text())["space"]
     assert space["metrics"] == ["element1", "wanda_sp"] and space["num_samples"] == [4, 10]  # flag beats file
+    assert space["align"] == 4
+    winner = json.loads((root / "run" / "pruned" / "adapruner.json").read_text())  # --export: the winner, pruned
+    channels = gguf_layers(root / "run" / "pruned" / "model-f32.gguf")["channels"]
+    assert channels == [layer["intermediate_size"] for layer in winner["layer_shapes"]]
+    assert all(c % 4 == 0 for c in channels) and min(channels) < max(channels)
     result = run("prune", root / "tiny", "--from-run", root / "run", "--output", root / "pruned")
     assert result.exit_code == 0, result.output
-    assert json.loads((root / "pruned" / "adapruner.json").read_text())["search"]["run"] == str(root / "run")
+    record = json.loads((root / "pruned" / "adapruner.json").read_text())
+    assert record["search"]["run"] == str(root / "run") and record["config"]["align"] == 4
+    assert record["layer_shapes"] == winner["layer_shapes"]
     result = run("search", root / "tiny", "--ratio", "0.15", "--output", root / "run2", "--space", "both")
     assert result.exit_code == 2 and "unknown --space" in result.output
     assert run("prune", root / "tiny", "--output", root / "x").exit_code == 2

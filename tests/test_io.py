@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from adapruner import AdaPrunerError, load_pruned
+from adapruner.files import atomic_output_dir
 from adapruner.models import get_adapter
 from adapruner.pruning import prune_physically
-from adapruner.pruning.io import atomic_output_dir, read_record, save_pruned
+from adapruner.pruning.io import read_record, save_pruned
 from conftest import make_tiny
 from test_pruning_exact import random_plan
 

@@ -16,8 +16,8 @@ from adapruner.api import PruneConfig, prune
 from adapruner.importance import collect_statistics, score_groups
 from adapruner.methods import METHODS, get_method
 from adapruner.models import attention_group, get_adapter, mlp_group
+from adapruner.models.modeling import apply_layer_shapes
 from adapruner.pruning import Budget, masked, plan_from_scores, prune_physically, solve_keep_counts
-from adapruner.pruning.hf_modeling import apply_layer_shapes
 from adapruner.pruning.io import save_pruned
 from adapruner.pruning.plan import count_params, planned_param_count
 from conftest import make_tiny

@@ -177,7 +177,7 @@ def test_from_run_of_a_free_search_refuses_uniform(tiny_model_dir):
 
 
 def test_uniform_is_another_space_but_old_studies_keep_their_fingerprint():
-    """A study made before ``uniform`` and ``coarse_to_fine`` existed (one-level moves) continues with
+    """A study made before ``uniform``, ``coarse_to_fine`` and ``align`` existed (one-level moves) continues with
     ``coarse_to_fine: 1``; a uniform space, or today's coarse-to-fine default, is another space."""
     import hashlib
     from dataclasses import asdict
@@ -185,11 +185,12 @@ def test_uniform_is_another_space_but_old_studies_keep_their_fingerprint():
     from adapruner.search.study import space_fingerprint
 
     old_space = SearchSpace(coarse_to_fine=1)
-    before = {k: v for k, v in asdict(old_space).items() if k not in ("uniform", "coarse_to_fine")}
+    before = {k: v for k, v in asdict(old_space).items() if k not in ("uniform", "coarse_to_fine", "align")}
     old = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:12]
     assert space_fingerprint(old_space) == old
     assert space_fingerprint(SearchSpace(coarse_to_fine=1, uniform=True)) != old
     assert SearchSpace().coarse_to_fine == 4 and space_fingerprint(SearchSpace()) != old
+    assert space_fingerprint(SearchSpace(coarse_to_fine=1, align=64)) != old  # an aligned search is another space
 
 
 def test_run_config_uniform_reaches_the_search_space():

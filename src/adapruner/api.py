@@ -17,6 +17,7 @@ from .data.calibration import WindowCounts, split_sources
 from .data.pool import CalibrationPool, build_pool
 from .data.sources import ALL_OFFLINE, OFFLINE_SOURCES
 from .errors import AdaPrunerError
+from .files import check_output_dir, write_csv_atomic, write_json_atomic
 from .importance import AGGREGATIONS, Importance, Statistics, collect_statistics, get_metric, score_groups
 from .importance.cache import StatisticsCache
 from .importance.fresh import FreshWindows
@@ -27,7 +28,7 @@ from .models.base import ModelAdapter, get_adapter
 from .models.groups import HEAD_MODES, layer_groups
 from .models.loading import load_causal_lm, load_model, load_tokenizer
 from .pruning.apply import prune_physically
-from .pruning.io import check_output_dir, read_record, save_pruned, write_csv_atomic, write_json_atomic
+from .pruning.io import read_record, save_pruned
 from .pruning.plan import (
     RANKINGS,
     Budget,

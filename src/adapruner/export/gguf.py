@@ -17,12 +17,9 @@ type of llama.cpp's own quantiser (:mod:`adapruner.export.engine`). The tokenize
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 
 from ..errors import AdaPrunerError
+from ..files import temporary_file
 from ..models.base import LayerShape, adapter_class_for
 from . import engine
 from . import tokenizer as vocab
@@ -190,27 +188,51 @@ def from_pair_rope(rows: np.ndarray, heads: int) -> np.ndarray:
     return rows.reshape(heads, shape[0] // heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def hf_tensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Every tensor of the directory's safetensors files as float32 numpy (bf16/f16 widened), one at a
-    time, so a float32 copy of the whole model is never held."""
-    import torch
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of the file, known from the safetensors header before any data is read."""
+
+    source: str  # the Hugging Face name ("" for a tensor the exporter computes)
+    target: str  # the GGUF name
+    shape: tuple[int, ...]
+    kind: GGMLQuantizationType
+
+    def add_info(self, writer: gguf.GGUFWriter) -> None:
+        """Declare the tensor (name, shape, type, bytes) so the header can be written before any data."""
+        if self.kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            dtype = np.float32 if self.kind == GGMLQuantizationType.F32 else np.float16
+            writer.add_tensor_info(self.target, self.shape, np.dtype(dtype), math.prod(self.shape) * dtype().itemsize)
+            return
+        byte_shape = gguf.quant_shape_to_byte_shape(self.shape, self.kind)
+        writer.add_tensor_info(self.target, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=self.kind)
+
+
+def safetensors_headers(model_dir: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Every tensor's file and shape, from the safetensors headers alone (no tensor data)."""
     from safetensors import safe_open
 
+    found = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                yield name, handle.get_tensor(name).to(torch.float32).numpy()
+                found[name] = (path, tuple(handle.get_slice(name).get_shape()))
+    return found
 
 
-def embedding_rows(model_dir: Path) -> int:
-    """Rows of the token embedding, read from the safetensors header (no tensor data)."""
+def read_tensor(path: Path, name: str) -> np.ndarray:
+    """One tensor as float32 numpy (bf16/f16 widened): the exporter holds one tensor at a time."""
+    import torch
     from safetensors import safe_open
 
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            if EMBEDDING in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                return int(handle.get_slice(EMBEDDING).get_shape()[0])
-    raise AdaPrunerError(f"{model_dir} holds no {EMBEDDING}: not a LLaMA-layout checkpoint")
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.get_tensor(name).to(torch.float32).numpy()
+
+
+def embedding_rows(headers: dict[str, tuple[Path, tuple[int, ...]]], model_dir: Path) -> int:
+    """Rows of the token embedding, from the safetensors header."""
+    if EMBEDDING not in headers:
+        raise AdaPrunerError(f"{model_dir} holds no {EMBEDDING}: not a LLaMA-layout checkpoint")
+    return int(headers[EMBEDDING][1][0])
 
 
 def layer_index(name: str) -> int | None:
@@ -233,12 +255,12 @@ def convert_tensor(name: str, data: np.ndarray, layout: ModelLayout) -> np.ndarr
     return data
 
 
-def tensor_type(name: str, data: np.ndarray, wanted: GGMLQuantizationType) -> GGMLQuantizationType:
+def tensor_type(name: str, shape: tuple[int, ...], wanted: GGMLQuantizationType) -> GGMLQuantizationType:
     """1-D tensors and norms stay F32 (as llama.cpp's converter does); Q8_0 needs rows of 32."""
-    if data.ndim == 1 or name.endswith("_norm.weight"):
+    if len(shape) == 1 or name.endswith("_norm.weight"):
         return GGMLQuantizationType.F32
     block = gguf.GGML_QUANT_SIZES[wanted][0]
-    if data.shape[-1] % block:
+    if shape[-1] % block:
         return GGMLQuantizationType.F16
     return wanted
 
@@ -348,57 +370,69 @@ def export_gguf(
     check_export_request("gguf", quant)
     layout = read_layout(model_dir)
     check_output(output, overwrite)
-    rows = embedding_rows(model_dir)
+    headers = safetensors_headers(model_dir)
+    rows = embedding_rows(headers, model_dir)
     fields, tokenizer_source = tokenizer_fields(
         model_dir, rows, Path(tokenizer_gguf) if tokenizer_gguf else None, Path(source_dir) if source_dir else None
     )
     name = str(layout.config.get("_name_or_path") or model_dir.name)
     with temporary_file(output) as tmp:
         if quant in WRITER_TYPES:
-            write_gguf(tmp, model_dir, layout, fields, name, quant, rows)
+            write_gguf(tmp, headers, layout, fields, name, quant, rows)
         else:
             with temporary_file(output) as f16:
-                write_gguf(f16, model_dir, layout, fields, name, "f16", rows)
+                write_gguf(f16, headers, layout, fields, name, "f16", rows)
                 engine.quantize(f16, tmp, quant)
         os.replace(tmp, output)
     return ExportResult(output, layout.arch, quant, tokenizer_source, layout.layers, output.stat().st_size)
 
 
-@contextlib.contextmanager
-def temporary_file(output: Path) -> Iterator[Path]:
-    """A fresh name beside ``output`` (same file system, so the final rename is atomic), removed on exit."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.resolve().parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def plan_tensors(
+    headers: dict[str, tuple[Path, tuple[int, ...]]], layout: ModelLayout, wanted: GGMLQuantizationType
+) -> list[PlannedTensor]:
+    """The file's tensors in order, each with its GGUF name and type (tied ``lm_head`` left out: llama.cpp
+    reuses ``token_embd`` when ``output.weight`` is absent)."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[layout.arch.upper()], len(layout.layers))
+    tied = layout.config.get("tie_word_embeddings", False)
+    planned = []
+    if layout.rope["rope_type"] == "llama3":
+        target = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        planned.append(PlannedTensor("", target, (layout.head_dim // 2,), GGMLQuantizationType.F32))
+    for source, (_path, shape) in headers.items():
+        if tied and source == "lm_head.weight":
+            continue
+        target = gguf_name(source, names)
+        planned.append(PlannedTensor(source, target, shape, tensor_type(target, shape, wanted)))
+    return planned
 
 
 def write_gguf(
-    path: Path, model_dir: Path, layout: ModelLayout, fields: vocab.TokenizerFields, name: str, quant: str, rows: int
+    path: Path,
+    headers: dict[str, tuple[Path, tuple[int, ...]]],
+    layout: ModelLayout,
+    fields: vocab.TokenizerFields,
+    name: str,
+    quant: str,
+    rows: int,
 ) -> None:
-    """Metadata, tokenizer fields and every tensor of ``model_dir`` into ``path`` with the gguf writer."""
+    """Metadata, tokenizer fields, tensor infos, then the tensors one at a time (read, converted, encoded and
+    written before the next is read: memory stays at one tensor, whatever the model's size)."""
     wanted, file_type = WRITER_TYPES[quant]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[layout.arch.upper()], len(layout.layers))
-    tied = layout.config.get("tie_word_embeddings", False)  # llama.cpp reuses token_embd without output.weight
+    planned = plan_tensors(headers, layout, wanted)
     writer = gguf.GGUFWriter(str(path), layout.arch)
     add_hparams(writer, layout, name, file_type, rows)
     vocab.add_fields(writer, fields)
-    if layout.rope["rope_type"] == "llama3":
-        factors = llama3_rope_factors(layout.rope, layout.head_dim, layout.rope_theta)
-        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
-    for tensor_name, data in hf_tensors(model_dir):
-        if tied and tensor_name == "lm_head.weight":
-            continue
-        converted, target = convert_tensor(tensor_name, data, layout), gguf_name(tensor_name, names)
-        kind = tensor_type(target, converted, wanted)
-        encoded = encode(converted, kind)  # quantised types: uint8 rows of blocks, the writer derives the shape
-        writer.add_tensor(target, encoded, raw_dtype=None if encoded.dtype != np.uint8 else kind)
+    for tensor in planned:
+        tensor.add_info(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in planned:
+        if tensor.source:
+            data = convert_tensor(tensor.source, read_tensor(headers[tensor.source][0], tensor.source), layout)
+        else:
+            data = llama3_rope_factors(layout.rope, layout.head_dim, layout.rope_theta)
+        writer.write_tensor_data(encode(data, tensor.kind))
     writer.close()
 
 

@@ -11,7 +11,6 @@ per-sample squares), computed with one pass over just that subset and memoised b
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -19,23 +18,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..data.pool import CalibrationPool
+from ..files import save_tensors_atomic
+from ..models.fingerprint import model_fingerprint
 from ..paths import cache_dir
-from ..util import log, save_tensors_atomic
+from ..util import log
 from .base import Importance, Statistics
 from .collector import collect_statistics
 
 TABLES = ("act_sum", "act_sq", "unit_wg", "unit_wwgg", "sample")
 SEP = "::"
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """Config plus every parameter's shape and a strided sample of its values: cheap, and tells models apart."""
-    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    for name, param in model.named_parameters():
-        flat = param.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
-        digest.update(name.encode() + str(tuple(param.shape)).encode() + sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _save(stats: Statistics, path: Path, metadata: dict[str, str]) -> None:

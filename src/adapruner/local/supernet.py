@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..errors import AdaPrunerError
 from ..models.base import ModelAdapter, get_adapter
+from ..models.fingerprint import model_fingerprint
 from ..models.groups import HeadMode, attention_group, mlp_group
 from ..paths import cache_dir
 from ..pruning.plan import PrunePlan, layer_plan
@@ -204,8 +205,6 @@ def build_supernet(
     directory: Path | None = None,
 ) -> Supernet:
     """The candidates of ``layers`` on the dense model's inputs over ``windows`` [N, L] (cached on disk)."""
-    from ..importance.cache import model_fingerprint
-
     settings = settings or SupernetSettings()
     adapter = get_adapter(model)
     fingerprint = supernet_fingerprint(model_fingerprint(model), windows, layers, head_mode, settings)

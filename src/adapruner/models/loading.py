@@ -10,6 +10,7 @@ import torch
 
 from ..errors import AdaPrunerError, OfflineError
 from .base import adapter_class_for
+from .modeling import PRUNED_CLASSES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OFFLINE_HINT = "use a fetched model (smollm2-135m, qwen2.5-0.5b: `adapruner assets fetch NAME`) or a local directory"
@@ -64,8 +65,6 @@ def is_pruned_dir(location: str) -> bool:
 def load_causal_lm(name_or_path: str, dtype: str = "float32", device_map: str | dict | None = None) -> torch.nn.Module:
     """Load a causal LM; pruned directories with mixed layer sizes use the shipped pruned classes."""
     from transformers import AutoModelForCausalLM
-
-    from ..pruning.hf_modeling import PRUNED_CLASSES
 
     location = resolve_location(name_or_path)
     config = _load_config(location)

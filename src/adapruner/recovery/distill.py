@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from ..errors import AdaPrunerError
-from ..pruning.io import write_json_atomic
-from ..util import log, save_tensors_atomic
+from ..files import save_tensors_atomic, write_json_atomic
+from ..util import log
 
 LOSSES = ("lm", "kd", "kd+lm")
 HIDDEN_LOSSES = ("cosine", "mse")

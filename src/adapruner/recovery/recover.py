@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 from ..errors import AdaPrunerError
+from ..files import atomic_output_dir, check_output_dir, write_json_atomic
 from ..models.loading import load_causal_lm, resolve_location
-from ..pruning.io import atomic_output_dir, check_output_dir, read_record, save_pruned, write_json_atomic
+from ..pruning.io import read_record, save_pruned
 from ..util import log
 from .config import DEFAULT_DATA, FinetuneConfig
 from .data import TrainingData, load_training_data

@@ -12,7 +12,7 @@ from typing import Any
 
 import optuna
 
-from ..pruning.io import write_text_atomic
+from ..files import write_text_atomic
 
 
 def _completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

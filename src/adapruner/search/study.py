@@ -38,16 +38,17 @@ from ..data.sources import OFFLINE_SOURCES
 from ..errors import AdaPrunerError
 from ..evaluation.divergence import dense_reference, windowed_kl
 from ..evaluation.perplexity import windowed_nll, windows_of
+from ..files import write_csv_atomic, write_json_atomic
 from ..importance import Statistics, score_groups
-from ..importance.cache import StatisticsCache, model_fingerprint
+from ..importance.cache import StatisticsCache
 from ..importance.fresh import FreshWindows
 from ..local import applied, local_prune
 from ..local.supernet import Supernet, SupernetSettings, build_supernet, min_keep
 from ..models import get_adapter, layer_groups
+from ..models.fingerprint import model_fingerprint
 from ..models.groups import attention_group, mlp_group
 from ..models.loading import load_model
 from ..pruning import Budget, masked
-from ..pruning.io import write_csv_atomic, write_json_atomic
 from ..pruning.plan import parse_layer_range
 from ..pruning.stock import can_hold_output_biases
 from ..util import log
