@@ -28,6 +28,7 @@ import adapruner
 from adapruner.assets import model_dir
 from adapruner.data import token_stream
 from adapruner.data.sources import OFFLINE_SOURCES
+from adapruner.errors import AdaPrunerError
 from adapruner.evaluation.perplexity import geometric_mean, windows_of
 from adapruner.export import engine, gguf_layers
 
@@ -46,11 +47,21 @@ def build_models(args) -> dict[str, Path]:
     for ratio in (float(r) for r in args.ratios.split(",") if r):
         for variant in args.variants.split(","):
             target = Path(args.work) / f"r{ratio}-{variant}"
+            label = f"{ratio} {variant}"
+            options = VARIANTS[variant]
             if not (target / "adapruner.json").is_file():
-                adapruner.prune(
-                    args.model, ratio, method="local-obs", output=target, overwrite=True, **VARIANTS[variant]
-                )
-            models[f"{ratio} {variant}"] = target
+                try:
+                    adapruner.prune(args.model, ratio, method="local-obs", output=target, overwrite=True, **options)
+                except AdaPrunerError as exc:  # e.g. 256-channel steps cannot reach 0.5 inside LLM-Pruner's layers
+                    out.print(f"{label}: {exc}; pruning every layer instead")
+                    options = options | {"layers": "0:"}
+                    adapruner.prune(args.model, ratio, method="local-obs", output=target, overwrite=True, **options)
+            if (
+                variant != "uniform"
+                and json.loads((target / "adapruner.json").read_text())["config"].get("layers") == "0:"
+            ):
+                label += " (all layers)"
+            models[label] = target
     for entry in filter(None, args.models.split(",")):
         label, _, location = entry.partition("=")
         models[label] = Path(location)
@@ -116,13 +127,13 @@ def main() -> None:
     work = Path(args.work)
     rows = []
     for label, directory in models.items():  # perplexities first, speeds last, all in one quiet stretch
-        reference = transformers_ppl(directory, work / "ppl" / f"{slug(label)}.json", args.tokens)
+        reference = transformers_ppl(directory, work / "ppl" / f"{slug(label)}-{args.tokens}.json", args.tokens)
         for quant in args.quants.split(","):
             path = work / "gguf" / f"{slug(label)}-{quant}.gguf"
             if not path.is_file():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 adapruner.export(directory, path, quant=quant)
-            ppl = cached(work / "ppl" / f"{path.stem}.llama.json", lambda p=path: llama_ppl(p, windows))
+            ppl = cached(work / "ppl" / f"{path.stem}-{args.tokens}.llama.json", lambda p=path: llama_ppl(p, windows))
             layers = gguf_layers(path)
             rows.append(
                 {

@@ -27,7 +27,7 @@ from adapruner.local.supernet import SupernetSettings, build_supernet
 from adapruner.models import get_adapter
 from adapruner.models.loading import load_model
 from adapruner.pruning import masked
-from adapruner.search.study import interleaved
+from adapruner.search.objective import interleaved
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:

@@ -436,3 +436,33 @@ def test_activation_statistics_from_fresh_windows(tiny_model_dir):
         biases[name] = load_pruned(out).model.layers[1].mlp.down_proj.bias.detach()
     assert record["config"]["activation_calibration"] == "12x16"
     assert not biases["same"].allclose(biases["fresh"])  # the compensation reads other activations
+
+
+def test_every_prune_config_field_has_a_flag_and_every_flag_a_field():
+    """CLI <-> PruneConfig parity: a new field without a flag (or a flag `_config_options` would silently
+    drop) fails here. The exceptions are named: what a search sets per trial, and command-level flags."""
+    import inspect
+    from dataclasses import fields
+
+    from adapruner import cli
+    from adapruner.api import PruneConfig
+
+    config = {f.name for f in fields(PruneConfig)}
+    per_trial = {"keep_counts", "max_removal", "activation_seed"}  # set by --from-run, never typed
+    command = {"ctx", "output", "overwrite", "device_map", "from_run", "export", "quant"}
+    flags = set(inspect.signature(cli.prune).parameters)
+    assert config - flags == per_trial
+    assert flags - config == command
+    scoring_only = set(inspect.signature(cli.importance).parameters)  # importance scores, never refits or saves
+    assert config - scoring_only == per_trial | {
+        "method",
+        "compensate",
+        "refit",
+        "refit_bias",
+        "refit_calibration",
+        "refit_damping",
+        "refit_device",
+        "obs_rounds",
+        "uniform",
+    }
+    assert scoring_only - config == {"output", "device_map"}

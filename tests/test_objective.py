@@ -10,7 +10,7 @@ import torch
 from adapruner import AdaPrunerError
 from adapruner.evaluation.divergence import dense_reference, windowed_kl
 from adapruner.search import SearchSpace, search
-from adapruner.search.study import interleaved
+from adapruner.search.objective import interleaved
 from conftest import make_tiny
 
 WINDOWS = torch.randint(0, 97, (6, 12), generator=torch.Generator().manual_seed(5))

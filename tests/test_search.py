@@ -85,7 +85,7 @@ def test_study_made_before_the_space_was_recorded_gets_the_likely_fix(tiny_model
     """Studies of versions before 2026-12-03 hold only the space's hash: the refusal names coarse_to_fine."""
     import optuna
 
-    from adapruner.search.study import SPACE_FIELDS_ATTR
+    from adapruner.search.storage import SPACE_FIELDS_ATTR
 
     root = tiny_model_dir
     run_search(root, trials=1)
@@ -222,7 +222,7 @@ def _tiny_objective(root):
     from adapruner.importance.cache import StatisticsCache
     from adapruner.models import get_adapter
     from adapruner.models.loading import load_model
-    from adapruner.search.study import Objective
+    from adapruner.search.objective import Objective
 
     corpus = str(root / "corpus.txt")
     model, tokenizer = load_model(str(root / "tiny"))

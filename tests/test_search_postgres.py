@@ -155,7 +155,7 @@ def test_two_workers_share_one_study_and_its_budget(tiny_model_dir, database):
     """Two workers started together: N finished trials in all (at most one over), baseline once, both work."""
     import psycopg2
 
-    from adapruner.search.study import _lock_id
+    from adapruner.search.storage import _lock_id
 
     root, study, n = tiny_model_dir, "shared", 8
     # Hold the study's lock while the workers start: both then load the model and wait for it, and enter

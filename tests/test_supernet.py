@@ -20,7 +20,7 @@ from adapruner.pruning import masked, prune_physically
 from adapruner.pruning.plan import count_params
 from adapruner.search import SearchSpace
 from adapruner.search.evolution import params_to_counts
-from adapruner.search.study import allocation_budget
+from adapruner.search.objective import allocation_budget
 from conftest import TINY, make_tiny
 
 WINDOWS = torch.randint(0, 97, (48, 16), generator=torch.Generator().manual_seed(3))  # 768 tokens

@@ -182,7 +182,7 @@ def test_uniform_is_another_space_but_old_studies_keep_their_fingerprint():
     import hashlib
     from dataclasses import asdict
 
-    from adapruner.search.study import space_fingerprint
+    from adapruner.search.storage import space_fingerprint
 
     old_space = SearchSpace(coarse_to_fine=1)
     before = {k: v for k, v in asdict(old_space).items() if k not in ("uniform", "coarse_to_fine", "align")}

@@ -364,6 +364,7 @@ def search(
     """Search calibration data x importance metric x allocation with TPE; rerun to continue."""
     from .search import SearchSpace, load_space
     from .search import search as run_search
+    from .search.space import RECIPE
 
     _check_export(export, quant)
     overrides = {
@@ -403,7 +404,8 @@ def search(
     table = Table(title=f"search {model} at ratio {ratio}: {result['trials']} trials -> {output}")
     for col in ("", f"validation {objective}", "configuration"):
         table.add_column(col)
-    table.add_row("LLM-Pruner recipe (trial 0)", f"{baseline['value']:.2f}", "element1, sum, 10 books samples")
+    recipe = f"{RECIPE['metric']}, {RECIPE['aggregation']}, {RECIPE['num_samples']} {RECIPE['calibration']} samples"
+    table.add_row("LLM-Pruner recipe (trial 0)", f"{baseline['value']:.2f}", recipe)
     for name, start in result.get("warm_starts", {}).items():
         table.add_row(f"{name} recipe (trial {start['trial']}, warm start)", f"{start['value']:.2f}", "")
     table.add_row(f"best (trial {best['trial']})", f"{best['value']:.2f}", describe_trial(best["config"]))

@@ -118,6 +118,10 @@ METHODS: dict[str, Method] = {
 }
 
 
+# LLM-Pruner's recipe (its paper's default): the search's trial 0, `adapruner run`'s baseline row
+LLM_PRUNER_RECIPE = "llm-pruner-element1"
+
+
 def get_method(name: str) -> Method:
     """The named method, or a one-line error listing the known ones."""
     if name not in METHODS:
@@ -133,4 +137,4 @@ def with_method(options: dict[str, Any]) -> dict[str, Any]:
     return get_method(name).options | dict(options)
 
 
-__all__ = ["METHODS", "Method", "get_method", "with_method"]
+__all__ = ["LLM_PRUNER_RECIPE", "METHODS", "Method", "get_method", "with_method"]

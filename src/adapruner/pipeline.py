@@ -20,14 +20,15 @@ import yaml
 
 from .data.pool import DEFAULT_POOL_PER_SOURCE
 from .data.sources import ALL_OFFLINE, OFFLINE_SOURCES
+from .data.tasks import TASKS
 from .errors import AdaPrunerError
 from .export import default_gguf_name
 from .files import write_json_atomic, write_text_atomic
+from .methods import LLM_PRUNER_RECIPE
 from .pruning.io import read_record
 from .util import log, read_options_file
 
-SEVEN_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-RECIPE = {"metric": "element1", "aggregation": "sum", "num_samples": 10, "seq_len": 64}
+SEVEN_TASKS = tuple(TASKS)  # boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa
 BASELINE_RECOVERY = {"loss": "lm", "full": False, "lr": 1e-4}  # LLM-Pruner's: LM loss, LoRA, its learning rate
 
 
@@ -70,7 +71,7 @@ class RunConfig:
         if self.trials < 1:
             raise AdaPrunerError(f"--trials {self.trials}: give at least 1")
         self.space()
-        from .search.study import SCORES
+        from .search.objective import SCORES
 
         if self.objective not in SCORES:
             raise AdaPrunerError(f"unknown objective '{self.objective}': choose one of {', '.join(SCORES)}")
@@ -178,10 +179,10 @@ def run(cfg: RunConfig, output: str | Path) -> dict[str, Any]:
                 output=target,
                 dtype=cfg.dtype,
                 seed=cfg.seed,
+                method=LLM_PRUNER_RECIPE,
                 calibration=cfg.baseline_calibration,
                 uniform=cfg.uniform,
                 align=cfg.align,
-                **RECIPE,
             ),
         )
         models["LLM-Pruner recipe"] = str(target)

@@ -17,6 +17,7 @@ from typing import Any
 import optuna
 
 from ..errors import AdaPrunerError
+from ..methods import FLAP_CALIBRATION, LLM_PRUNER_RECIPE, get_method
 from ..util import read_options_file
 
 SPACES = ("joint", "data", "metric")
@@ -218,15 +219,16 @@ def load_space(path: str | Path, **overrides: Any) -> SearchSpace:
     return SearchSpace(**(data | {k: v for k, v in overrides.items() if v is not None}))
 
 
+RECIPE = get_method(LLM_PRUNER_RECIPE).options  # trial 0: LLM-Pruner's recipe, as `prune --method` runs it
 BASELINE = TrialConfig(
-    sources=("books",),
-    num_samples=10,
-    seq_len=64,
+    sources=(RECIPE["calibration"],),
+    num_samples=RECIPE["num_samples"],
+    seq_len=RECIPE["seq_len"],
     window=None,
     subset_seed=0,
-    metric="element1",
+    metric=RECIPE["metric"],
     attention_metric=None,
-    aggregation="sum",
+    aggregation=RECIPE["aggregation"],
     mix=None,
     attention_scale=1.0,
     depth_slope=0.0,
@@ -247,13 +249,15 @@ def baseline_config(space: SearchSpace) -> TrialConfig:
 
 
 def baseline_params(space: SearchSpace) -> dict[str, Any]:
-    """Optuna parameters of LLM-Pruner's recipe (element1, sum, 10 books samples), for trial 0."""
+    """Optuna parameters of LLM-Pruner's recipe (element1, sum, 10 books samples: ``BASELINE``), for trial 0."""
     params: dict[str, Any] = {}
     if space.space != "metric":
-        params |= {f"use_{s}": s == "books" for s in space.sources}
-        params |= {"num_samples": 10, "seq_len": 64, "window_stat": "none", "subset_seed": 0}
+        params |= {f"use_{s}": s in BASELINE.sources for s in space.sources}
+        params |= {"num_samples": BASELINE.num_samples, "seq_len": BASELINE.seq_len, "window_stat": "none"}
+        params["subset_seed"] = BASELINE.subset_seed
     if space.space != "data":
-        params |= {"metric": "element1", "aggregation": "sum", "attention_scale": 1.0, "ranking": "layer"}
+        params |= {"metric": BASELINE.metric, "aggregation": BASELINE.aggregation, "attention_scale": 1.0}
+        params["ranking"] = BASELINE.ranking
         params |= {"depth_slope": 0.0, "depth_bend": 0.0, "compensate": False, "layers": baseline_config(space).layers}
         params["refit"] = "none"
         if space.separate_attention_metric:
@@ -306,7 +310,7 @@ def warm_start_params(space: SearchSpace, name: str, max_samples: int | None = N
     return _with_allocation(space, params)
 
 
-FLAP_WINDOWS = "128x128"  # FLAP's calibration: 128 samples of 128 tokens
+FLAP_WINDOWS = f"{FLAP_CALIBRATION['num_samples']}x{FLAP_CALIBRATION['seq_len']}"  # FLAP's calibration: 128 x 128
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace, dense: list[tuple[int, int]] | None = None) -> TrialConfig:
