@@ -51,6 +51,7 @@ bench: assets
 	$(PY) benchmarks/refit_ablation.py
 	$(PY) benchmarks/local_memory.py
 	$(PY) benchmarks/compare_methods.py
+	$(PY) benchmarks/engine_speed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
