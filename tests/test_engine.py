@@ -156,18 +156,17 @@ def test_smollm2_quantised_export_generates_text(smollm2_pruned, tmp_path):
     assert len(text.strip()) > 0
 
 
-@pytest.mark.real
-def test_llama_cpp_tokenizes_the_four_sources_as_transformers(tmp_path):
-    """Every test document of the four sources gets transformers' ids, but where llama.cpp's own "smollm"
-    pre-tokenizer differs from the Hugging Face one (the same in the official SmolLM2 GGUF): it splits numerals
-    off before its whitespace rule, so whitespace before a numeral ("\n\n1925", " ⅓") is grouped otherwise."""
+def tokenization_differences(asset: str, gguf_dir) -> tuple[int, int]:
+    """(documents tokenized alike, documents) over the four sources' test splits, llama.cpp vs transformers,
+    for the dense ``asset`` exported with its own tokenizer fields; every difference must be llama.cpp's
+    numeral rule (whitespace right before a numeral grouped otherwise), nothing else."""
     from transformers import AutoTokenizer
 
     from adapruner.assets import model_dir
     from adapruner.data.sources import OFFLINE_SOURCES, load_documents
 
-    dense = model_dir("smollm2-135m")
-    result = adapruner.export(dense, tmp_path / "dense.gguf", quant="q8_0")
+    dense = model_dir(asset)
+    result = adapruner.export(dense, gguf_dir / f"{asset}.gguf", quant="q8_0")
     llm = engine.load(result.path, n_ctx=64, logits_all=False)
     tokenizer = AutoTokenizer.from_pretrained(dense)
     same = total = 0
@@ -182,5 +181,33 @@ def test_llama_cpp_tokenizes_the_four_sources_as_transformers(tmp_path):
             first = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b)
             rest = document[len(tokenizer.decode(theirs[:first])) :]
             assert rest[:1].isspace() and rest.lstrip()[:1].isnumeric(), (source, rest[:40])
-    assert same / total > 0.99, (same, total)
     assert llm.tokenize(b"Hi there", add_bos=True, special=False) == tokenizer("Hi there")["input_ids"]  # BOS alike
+    return same, total
+
+
+@pytest.mark.real
+def test_llama_cpp_tokenizes_the_four_sources_as_transformers(tmp_path):
+    """SmolLM2: every test document of the four sources gets transformers' ids, but where llama.cpp's own
+    "smollm" pre-tokenizer differs from the Hugging Face one (the same in the official SmolLM2 GGUF): it
+    splits numerals off before its whitespace rule ("\n\n1925", " ⅓")."""
+    same, total = tokenization_differences("smollm2-135m", tmp_path)
+    assert same / total > 0.99, (same, total)
+
+
+@pytest.mark.real
+def test_qwen25_tokenizer_in_llama_cpp_equals_transformers(tmp_path):
+    """Qwen2.5-0.5B (``adapruner assets fetch qwen2.5-0.5b``; skipped where it is not fetched): its
+    pre-tokenizer is recognised as llama.cpp's "qwen2" and the four sources' test text tokenizes alike."""
+    from transformers import AutoTokenizer
+
+    from adapruner.assets import model_dir
+    from adapruner.export.tokenizer import fields_from_hf, read_fields
+
+    dense = model_dir("qwen2.5-0.5b")
+    if not (dense / "config.json").is_file():
+        pytest.skip("qwen2.5-0.5b is not fetched: adapruner assets fetch qwen2.5-0.5b")
+    built = fields_from_hf(dense, len(AutoTokenizer.from_pretrained(dense)))
+    kept = read_fields(dense / "tokenizer.gguf")
+    assert built["tokenizer.ggml.pre"].value == kept["tokenizer.ggml.pre"].value == "qwen2"
+    same, total = tokenization_differences("qwen2.5-0.5b", tmp_path)
+    assert same == total  # llama.cpp's qwen2 pre-tokenizer agrees on every document

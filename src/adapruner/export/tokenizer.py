@@ -43,6 +43,7 @@ CHECK_TEXT = (
 # test that checks it.
 KNOWN_PRE_TOKENIZERS: dict[str, str] = {
     "7c631ed67f8afeb4e51e56686063225b8a9e1b0d38adca9c226a5d1baa64f358": "smollm",  # SmolLM2 (tests/test_export.py)
+    "179cfaa2779065ea1d50521a57fff9ad531a60965350df1e87d06eb491a13dd3": "qwen2",  # Qwen2.5 (tests/test_engine.py)
 }
 
 
