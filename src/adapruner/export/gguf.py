@@ -34,12 +34,8 @@ from ..models.base import LayerShape, adapter_class_for
 from . import engine
 from . import tokenizer as vocab
 
-DECI = "deci"
+DECI = "deci"  # per-layer widths; its rotary embedding is the pair layout (q/k rows permuted)
 EMBEDDING = "model.embed_tokens.weight"
-# the architecture of a family's stock layout in llama.cpp, and whether its rotary embedding is the
-# "normal" (pair) layout that needs q/k rows permuted from transformers' rotate-half layout
-FAMILY_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-PAIR_ROPE = {"llama": True, "deci": True, "qwen2": False}
 # the matrix types this module writes with the gguf package's own encoders
 WRITER_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
     "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
@@ -54,6 +50,7 @@ class ModelLayout:
     """What the exporter needs to know about a model directory, read from its config alone."""
 
     arch: str
+    pair_rope: bool  # q/k rows permuted into llama.cpp's pair rotary layout
     layers: list[LayerShape]
     head_dim: int
     hidden_size: int
@@ -106,17 +103,18 @@ def extra_biases(config: dict[str, Any]) -> bool:
 
 def read_layout(model_dir: Path) -> ModelLayout:
     config = read_config(model_dir)
-    family = adapter_class_for(str(config.get("model_type"))).family  # unknown families refused here
+    adapter = adapter_class_for(str(config.get("model_type")))  # unknown families refused here
     layers = layer_shapes(config)
     head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
     check_expressible(layers)
     theta, rope = rope_settings(config)  # an unsupported scaling is refused before any tensor is read
-    arch = FAMILY_ARCH[family]
+    arch = adapter.gguf_arch
     uniform = len(set(layers)) == 1 and not extra_biases(config)
     # llama.cpp's qwen2 graph sizes q/o as hidden x hidden: a model with pruned heads needs deci's arrays
     stock = uniform and (arch != "qwen2" or layers[0].num_attention_heads * head_dim == int(config["hidden_size"]))
     return ModelLayout(
         arch=arch if stock else DECI,
+        pair_rope=adapter.gguf_pair_rope if stock else True,
         layers=layers,
         head_dim=head_dim,
         hidden_size=int(config["hidden_size"]),
@@ -245,7 +243,7 @@ def layer_index(name: str) -> int | None:
 def convert_tensor(name: str, data: np.ndarray, layout: ModelLayout) -> np.ndarray:
     """q/k rows into llama.cpp's pair layout where the architecture needs it; everything else as is."""
     index = layer_index(name)
-    if not PAIR_ROPE[layout.arch] or index is None:
+    if not layout.pair_rope or index is None:
         return data
     shape = layout.layers[index]
     if ".self_attn.q_proj." in name:

@@ -57,6 +57,10 @@ class ModelAdapter:
     family: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
     causal_lm_class: ClassVar[str] = ""
+    # llama.cpp's architecture for the family's stock layout, and whether its rotary embedding there is the
+    # "normal" (pair) layout, for which q/k rows are permuted from transformers' rotate-half order
+    gguf_arch: ClassVar[str] = "llama"
+    gguf_pair_rope: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -147,6 +151,8 @@ class Qwen2Adapter(ModelAdapter):
     family = "qwen2"
     model_types = ("qwen2",)
     causal_lm_class = "Qwen2ForCausalLM"
+    gguf_arch = "qwen2"
+    gguf_pair_rope = False  # llama.cpp's qwen2 graph uses the NeoX layout, as transformers does
 
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter)
