@@ -17,9 +17,11 @@ type of llama.cpp's own quantiser (:mod:`adapruner.export.engine`). The tokenize
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,13 +219,19 @@ def safetensors_headers(model_dir: Path) -> dict[str, tuple[Path, tuple[int, ...
     return found
 
 
-def read_tensor(path: Path, name: str) -> np.ndarray:
-    """One tensor as float32 numpy (bf16/f16 widened): the exporter holds one tensor at a time."""
+@contextlib.contextmanager
+def tensor_reader(headers: dict[str, tuple[Path, tuple[int, ...]]]) -> Iterator[Callable[[str], np.ndarray]]:
+    """``read(name)``: one tensor as float32 numpy (bf16/f16 widened), each safetensors file opened once for
+    the whole write; the exporter holds one tensor at a time."""
     import torch
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        return handle.get_tensor(name).to(torch.float32).numpy()
+    with contextlib.ExitStack() as stack:
+        handles = {
+            path: stack.enter_context(safe_open(str(path), framework="pt"))
+            for path in {path for path, _shape in headers.values()}
+        }
+        yield lambda name: handles[headers[name][0]].get_tensor(name).to(torch.float32).numpy()
 
 
 def embedding_rows(headers: dict[str, tuple[Path, tuple[int, ...]]], model_dir: Path) -> int:
@@ -425,12 +433,13 @@ def write_gguf(
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for tensor in planned:
-        if tensor.source:
-            data = convert_tensor(tensor.source, read_tensor(headers[tensor.source][0], tensor.source), layout)
-        else:
-            data = llama3_rope_factors(layout.rope, layout.head_dim, layout.rope_theta)
-        writer.write_tensor_data(encode(data, tensor.kind))
+    with tensor_reader(headers) as read:
+        for tensor in planned:
+            if tensor.source:
+                data = convert_tensor(tensor.source, read(tensor.source), layout)
+            else:
+                data = llama3_rope_factors(layout.rope, layout.head_dim, layout.rope_theta)
+            writer.write_tensor_data(encode(data, tensor.kind))
     writer.close()
 
 
