@@ -110,12 +110,11 @@ def read_layout(model_dir: Path) -> ModelLayout:
     head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
     check_expressible(layers)
     theta, rope = rope_settings(config)  # an unsupported scaling is refused before any tensor is read
-    arch = adapter.gguf_arch
     uniform = len(set(layers)) == 1 and not extra_biases(config)
-    # llama.cpp's qwen2 graph sizes q/o as hidden x hidden: a model with pruned heads needs deci's arrays
-    stock = uniform and (arch != "qwen2" or layers[0].num_attention_heads * head_dim == int(config["hidden_size"]))
+    full_width = layers[0].num_attention_heads * head_dim == int(config["hidden_size"])
+    stock = uniform and (full_width or not adapter.gguf_full_width_attention)
     return ModelLayout(
-        arch=arch if stock else DECI,
+        arch=adapter.gguf_arch if stock else DECI,
         pair_rope=adapter.gguf_pair_rope if stock else True,
         layers=layers,
         head_dim=head_dim,

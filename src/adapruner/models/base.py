@@ -61,6 +61,9 @@ class ModelAdapter:
     # "normal" (pair) layout, for which q/k rows are permuted from transformers' rotate-half order
     gguf_arch: ClassVar[str] = "llama"
     gguf_pair_rope: ClassVar[bool] = True
+    # llama.cpp's graph for ``gguf_arch`` sizes q and the attention output as hidden x hidden: a model with
+    # pruned heads must then be written with deci's per-layer arrays even when every layer is alike
+    gguf_full_width_attention: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -153,6 +156,7 @@ class Qwen2Adapter(ModelAdapter):
     causal_lm_class = "Qwen2ForCausalLM"
     gguf_arch = "qwen2"
     gguf_pair_rope = False  # llama.cpp's qwen2 graph uses the NeoX layout, as transformers does
+    gguf_full_width_attention = True
 
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter)
