@@ -172,3 +172,14 @@ def pruned_tiny(root, ratio: float = 0.3, layers: str = "1:4"):
             layers=layers,
         )
     return root
+
+
+def name_tokenizer_for_llama_cpp(model_dir, monkeypatch) -> None:
+    """Register the tiny byte-level BPE of ``model_dir`` as llama.cpp's "gpt-2" pre-tokenizer (it splits text
+    as GPT-2 does), so the GGUF exporter can name it; undone when the test ends."""
+    from transformers import AutoTokenizer
+
+    from adapruner.export import tokenizer as vocab
+
+    digest = vocab.check_text_hash(AutoTokenizer.from_pretrained(model_dir))
+    monkeypatch.setitem(vocab.KNOWN_PRE_TOKENIZERS, digest, "gpt-2")

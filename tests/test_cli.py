@@ -361,14 +361,11 @@ def test_bfloat16_pruning_keeps_the_dtype(tiny_model_dir):
 
 
 def test_search_then_prune_from_run(tiny_model_dir, monkeypatch):
-    from transformers import AutoTokenizer
-
     from adapruner.export import gguf_layers
-    from adapruner.export import tokenizer as vocab
+    from conftest import name_tokenizer_for_llama_cpp
 
     root = tiny_model_dir
-    digest = vocab.check_text_hash(AutoTokenizer.from_pretrained(root / "tiny"))  # the tiny BPE, named for llama.cpp
-    monkeypatch.setitem(vocab.KNOWN_PRE_TOKENIZERS, digest, "gpt-2")
+    name_tokenizer_for_llama_cpp(root / "tiny", monkeypatch)
     corpus = str(root / "corpus.txt")
     (root / "space.yaml").write_text("metrics: [element1, l2]\nnum_samples: [4, 10]\n")
     result = run(

@@ -16,10 +16,9 @@ import torch
 import adapruner
 from adapruner.errors import AdaPrunerError
 from adapruner.export import engine
-from adapruner.export import tokenizer as vocab
 from adapruner.export.gguf import layer_shapes
 from adapruner.models.loading import load_causal_lm
-from conftest import save_tiny, write_corpus
+from conftest import name_tokenizer_for_llama_cpp, save_tiny, write_corpus
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test installs it)")
 
@@ -46,10 +45,7 @@ def tiny_family(root, family: str, monkeypatch):
     save_tiny(root / "tiny", family)
     settings = root / "tiny" / "tokenizer_config.json"  # Qwen2's tokenizer class would add an unknown token
     settings.write_text(json.dumps(json.loads(settings.read_text()) | {"unk_token": "</s>", "pad_token": "</s>"}))
-    from transformers import AutoTokenizer
-
-    digest = vocab.check_text_hash(AutoTokenizer.from_pretrained(root / "tiny"))
-    monkeypatch.setitem(vocab.KNOWN_PRE_TOKENIZERS, digest, "gpt-2")
+    name_tokenizer_for_llama_cpp(root / "tiny", monkeypatch)
     return root / "tiny"
 
 

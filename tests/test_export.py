@@ -23,7 +23,7 @@ from adapruner.errors import AdaPrunerError
 from adapruner.export import gguf_layers
 from adapruner.export import tokenizer as vocab
 from adapruner.export.gguf import from_pair_rope, layer_shapes, to_pair_rope
-from conftest import pruned_tiny, save_tiny
+from conftest import name_tokenizer_for_llama_cpp, pruned_tiny, save_tiny, write_corpus
 
 
 def tokenizer_gguf(path, tokens: int):
@@ -231,13 +231,9 @@ def test_cli_export_and_info_on_the_file(tmp_path):
 
 
 def test_cli_prune_with_align_and_export_writes_the_gguf_inside_the_model(tmp_path, monkeypatch):
-    from transformers import AutoTokenizer
-
     monkeypatch.setenv("ADAPRUNER_CACHE", str(tmp_path / "cache"))
     save_tiny(tmp_path / "tiny")
-    digest = vocab.check_text_hash(AutoTokenizer.from_pretrained(tmp_path / "tiny"))  # the tiny BPE, named
-    monkeypatch.setitem(vocab.KNOWN_PRE_TOKENIZERS, digest, "gpt-2")
-    from conftest import write_corpus
+    name_tokenizer_for_llama_cpp(tmp_path / "tiny", monkeypatch)
 
     write_corpus(tmp_path / "corpus.txt")
     runner = CliRunner()

@@ -33,13 +33,10 @@ def tiny_run_config(root, **overrides):
 
 
 def test_run_does_every_stage_once_and_reports(tiny_model_dir, monkeypatch):
-    from transformers import AutoTokenizer
-
-    from adapruner.export import tokenizer as vocab
+    from conftest import name_tokenizer_for_llama_cpp
 
     root = tiny_model_dir
-    digest = vocab.check_text_hash(AutoTokenizer.from_pretrained(root / "tiny"))  # name the tiny BPE for llama.cpp
-    monkeypatch.setitem(vocab.KNOWN_PRE_TOKENIZERS, digest, "gpt-2")
+    name_tokenizer_for_llama_cpp(root / "tiny", monkeypatch)
     cfg = tiny_run_config(root, align=4, export="gguf", export_quant="f32")
     evaluations = run(cfg, root / "run")
     recovered = recovery_label(cfg.recovery_options(baseline=False))
