@@ -77,14 +77,9 @@ def cached(path: Path, compute) -> dict[str, float]:
     return values
 
 
-def transformers_ppl(directory: Path, cache: Path, tokens: int) -> dict[str, float]:
-    if cache.is_file():
-        return json.loads(cache.read_text())
+def transformers_ppl(directory: Path, tokens: int) -> dict[str, float]:
     results = adapruner.evaluate(str(directory), ppl=list(OFFLINE_SOURCES), seq_len=[SEQ_LEN], max_tokens=tokens)
-    values = {s: results["perplexity"][f"{s}@{SEQ_LEN}"] for s in OFFLINE_SOURCES}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(values))
-    return values
+    return {s: results["perplexity"][f"{s}@{SEQ_LEN}"] for s in OFFLINE_SOURCES}
 
 
 def llama_ppl(path: Path, windows: dict[str, np.ndarray]) -> dict[str, float]:
@@ -127,7 +122,9 @@ def main() -> None:
     work = Path(args.work)
     rows = []
     for label, directory in models.items():  # perplexities first, speeds last, all in one quiet stretch
-        reference = transformers_ppl(directory, work / "ppl" / f"{slug(label)}-{args.tokens}.json", args.tokens)
+        reference = cached(
+            work / "ppl" / f"{slug(label)}-{args.tokens}.json", lambda d=directory: transformers_ppl(d, args.tokens)
+        )
         for quant in args.quants.split(","):
             path = work / "gguf" / f"{slug(label)}-{quant}.gguf"
             if not path.is_file():
