@@ -63,18 +63,22 @@ def weights_bytes(model) -> int:
 
 
 def child_smollm2() -> dict:
-    from adapruner.api import PruneConfig, compute_plan, refit_windows, run_local
+    from dataclasses import replace
+
+    from adapruner.local import local_prune
     from adapruner.models import get_adapter
     from adapruner.models.loading import load_model
+    from adapruner.recipe import PlanInputs, PruneConfig, plan_recipe, refit_windows
 
     model, tokenizer = load_model("smollm2-135m")
-    cfg = PruneConfig.from_method("smollm2-135m", 0.2, method="flap-refit")
-    plan, info = compute_plan(model, tokenizer, cfg)
-    windows = refit_windows(tokenizer, cfg)
+    refit = PruneConfig.from_method("smollm2-135m", 0.2, method="flap-refit")
+    selection = replace(refit, refit="none")  # its units, chosen but not yet refitted
+    plan = plan_recipe(model, selection, PlanInputs(model, tokenizer)).plan
+    windows = refit_windows(tokenizer, refit)
     adapter = get_adapter(model)
     hidden = windows.numel() * adapter.hidden_size * 4
     with PeakSampler() as sampler:
-        result = run_local(model, tokenizer, cfg, plan, info, windows=windows)
+        result = local_prune(model, windows, refit.local_settings(), plan=plan, head_mode=refit.head_mode)
     return report("SmolLM2-135M, flap-refit at 0.2", model, adapter, sampler, hidden, result)
 
 

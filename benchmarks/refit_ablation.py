@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from adapruner.api import PruneConfig, compute_plan, refit_windows
 from adapruner.data import sample_mixture, token_stream
 from adapruner.evaluation import perplexity
 from adapruner.evaluation.perplexity import geometric_mean
@@ -37,6 +36,7 @@ from adapruner.models import attention_group, get_adapter
 from adapruner.models.loading import load_model
 from adapruner.pruning import Budget, masked, solve_keep_counts
 from adapruner.pruning.plan import KeepCounts, count_params, default_layer_range
+from adapruner.recipe import PlanInputs, PruneConfig, plan_recipe, refit_windows
 
 SOURCES = ("wiki", "news", "books", "squad")
 DEFAULT_DAMPING = 1e-3
@@ -65,11 +65,11 @@ def counts_of(adapter, plan) -> KeepCounts:
     return KeepCounts(counts, 0.0, 0, 1)
 
 
-def variant_state(name: str, model, tokenizer, ratio: float, plan, info, windows):
+def variant_state(name: str, model, tokenizer, ratio: float, plan, means, windows):
     """(plan, input means, refits) of one variant."""
     adapter = get_adapter(model)
     if name == "flap":
-        return plan, info["input_means"], {}
+        return plan, means, {}
     settings = LocalSettings(damping=DEFAULT_DAMPING)
     given = {"plan": plan}
     if name.startswith("lsq-d"):
@@ -110,7 +110,8 @@ def main() -> None:
     rows = []
     for ratio in map(float, args.ratios.split(",")):
         cfg = PruneConfig.from_method(args.model, ratio, method="flap")
-        plan, info = compute_plan(model, tokenizer, cfg)
+        planned = plan_recipe(model, cfg, PlanInputs(model, tokenizer))
+        plan = planned.plan
         windows = refit_windows(tokenizer, cfg)  # FLAP's own 128 wiki windows of 128 tokens
         print(f"\n### {args.model} at ratio {ratio}: test perplexity @128, FLAP's selection unless named\n")
         print("| variant | " + " | ".join(SOURCES) + " | geo | × FLAP | engine (s) |")
@@ -118,7 +119,7 @@ def main() -> None:
         flap_geo = None
         for name in variants:
             start = time.perf_counter()
-            state_plan, means, refits = variant_state(name, model, tokenizer, ratio, plan, info, windows)
+            state_plan, means, refits = variant_state(name, model, tokenizer, ratio, plan, planned.input_means, windows)
             seconds = time.perf_counter() - start
             with torch.no_grad(), masked(adapter, state_plan, input_means=means), applied(model, refits):
                 ppl = {s: perplexity(model, ids, 128, progress=False) for s, ids in tests.items()}

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import optuna
 
-from adapruner.api import PruneConfig
 from adapruner.data import OFFLINE_SOURCES, token_stream
 from adapruner.evaluation import perplexity
 from adapruner.models.loading import load_model
 from adapruner.paths import cache_dir
+from adapruner.recipe import PruneConfig
 from adapruner.search import search
 
 

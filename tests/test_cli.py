@@ -442,7 +442,7 @@ def test_every_prune_config_field_has_a_flag_and_every_flag_a_field():
     from dataclasses import fields
 
     from adapruner import cli
-    from adapruner.api import PruneConfig
+    from adapruner.recipe import PruneConfig
 
     config = {f.name for f in fields(PruneConfig)}
     per_trial = {"keep_counts", "max_removal", "activation_seed"}  # set by --from-run, never typed

@@ -215,8 +215,8 @@ def test_nan_scores_are_reported():
 
 
 def test_per_kind_metric_scores_each_kind_with_its_own_metric():
-    from adapruner.api import PruneConfig
     from adapruner.importance.metrics import PerKind
+    from adapruner.recipe import PruneConfig
 
     model = make_tiny("llama-gqa")
     adapter = get_adapter(model)

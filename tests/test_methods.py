@@ -309,10 +309,10 @@ def test_cli_unknown_method_is_one_line(tiny_model_dir):
 
 
 def _plan_with_knobs(model, scores, ranking: str, **knobs):
-    from adapruner.api import PruneConfig, plan_for_scores
+    from adapruner.recipe import PruneConfig, plan_for_scores
 
     cfg = PruneConfig(model="", ratio=0.25, head_mode="kv-group", ranking=ranking, layers="1:5", **knobs)
-    return plan_for_scores(model, scores, cfg.budget((1, 5)), cfg)[0]
+    return plan_for_scores(model, scores, cfg.budget((1, 5)), cfg)
 
 
 @pytest.mark.parametrize("ranking", ["global", "global-all"])

@@ -252,7 +252,8 @@ def test_objective_reports_partial_perplexity_and_equals_the_full_pass(tiny_mode
     study.optimize(objective, n_trials=1)
     trial = study.trials[0]
     assert sorted(trial.intermediate_values) == [0, 1, 2]
-    plan, _, means, _ = objective.plan_for(_config_of(trial))
+    planned = objective.plan_for(_config_of(trial))
+    plan, means = planned.plan, planned.input_means
     assert means is None
     with masked(get_adapter(objective.model), plan):
         expected = perplexity(objective.model, valid, 16, progress=False)
@@ -263,6 +264,20 @@ def test_objective_reports_partial_perplexity_and_equals_the_full_pass(tiny_mode
     hopeless.enqueue_trial(params)
     hopeless.optimize(objective, n_trials=1)
     assert hopeless.trials[0].state.name == "PRUNED" and list(hopeless.trials[0].intermediate_values) == [0]
+
+
+def _legacy_recipe_equals_stored(run_dir) -> bool:
+    """A ``best.json`` written before recipes were stored (no ``recipe``) still loads, as the same recipe."""
+    from adapruner.recipe import PruneConfig
+    from adapruner.recipe.from_run import options_from_run
+
+    ratio, stored, searched = options_from_run(run_dir)
+    best = json.loads((run_dir / "best.json").read_text())
+    del best["recipe"]
+    (run_dir / "best.json").write_text(json.dumps(best))
+    legacy_ratio, legacy, legacy_searched = options_from_run(run_dir)
+    assert (legacy_ratio, legacy_searched) == (ratio, searched)
+    return PruneConfig(model="m", ratio=ratio, **legacy) == PruneConfig(model="m", ratio=ratio, **stored)
 
 
 def _config_of(trial):
@@ -292,7 +307,8 @@ def test_compensated_joint_trial_on_every_layer_equals_the_physically_pruned_mod
     study.optimize(objective, n_trials=1)
     trial = study.trials[0]
     assert trial.state.name == "COMPLETE"
-    plan, _, means, _ = objective.plan_for(_config_of(trial))
+    planned = objective.plan_for(_config_of(trial))
+    plan, means = planned.plan, planned.input_means
     assert means and all(name.endswith(("o_proj", "down_proj")) for name in means)
     assert plan.layers[0].shape != get_adapter(objective.model).layer_shape(0)  # layer 0 is in the range now
     pruned = copy.deepcopy(objective.model)
@@ -361,10 +377,12 @@ def _warm_start_is_the_method_exactly(root, corpus, result, name: str):
 
     best = json.loads((root / "run" / "best.json").read_text())
     best["best"] |= {"trial": trial.number, "value": start["value"], "config": trial.user_attrs["config"]}
+    best["recipe"] = trial.user_attrs["recipe"]
     best["best"]["subset"] = None
     (root / "run" / "best.json").write_text(json.dumps(best))
     pruned = prune(str(root / "tiny"), from_run=root / "run")
     assert perplexity(pruned.model, tokens, 16, progress=False) == pytest.approx(start["value"], rel=1e-4)
+    assert _legacy_recipe_equals_stored(root / "run")
     return trial, pruned.record
 
 
@@ -452,10 +470,12 @@ def test_per_layer_trials_assemble_supernet_candidates_meet_the_budget_and_prune
     best = json.loads((root / "run" / "best.json").read_text())
     trial = min(per_layer, key=lambda t: t.value if t.value is not None else float("inf"))
     best["best"] |= {"trial": trial.number, "value": trial.value, "config": trial.user_attrs["config"], "subset": None}
+    best["recipe"] = trial.user_attrs["recipe"]
     (root / "run" / "best.json").write_text(json.dumps(best))
     pruned = prune(str(root / "tiny"), from_run=root / "run")
     tokens = token_stream(pruned.tokenizer, str(corpus), "validation", 512)
     assert perplexity(pruned.model, tokens, 16, progress=False) == pytest.approx(trial.value, rel=1e-4)
+    assert _legacy_recipe_equals_stored(root / "run")
     record = pruned.record
     assert record["config"]["keep_counts"] and record["local"]["supernet"]
     unit = 3 * 48  # one MLP channel of the tiny model: gate and up rows, a down_proj column
@@ -463,3 +483,16 @@ def test_per_layer_trials_assemble_supernet_candidates_meet_the_budget_and_prune
     biases = sum(p.numel() for n, p in pruned.model.named_parameters() if n.endswith(("o_proj.bias", "down_proj.bias")))
     assert biases and abs(dense - (record["params"]["pruned"] - biases) - 0.2 * dense) <= unit  # refit biases aside
     assert result["best"]["value"] == min(t.value for t in study.trials if t.value is not None)
+
+
+def test_a_stored_recipe_with_unknown_fields_is_refused_in_one_line(tmp_path):
+    from adapruner import AdaPrunerError
+    from adapruner.recipe.from_run import options_from_run
+
+    best = {"ratio": 0.2, "pool": {}, "best": {"subset": None}, "recipe": {"metric": "element1", "warp_drive": 9}}
+    (tmp_path / "best.json").write_text(json.dumps(best))
+    with pytest.raises(AdaPrunerError, match=r"newer AdaPruner \(unknown recipe fields warp_drive\): upgrade"):
+        options_from_run(tmp_path)
+    (tmp_path / "best.json").write_text(json.dumps(best | {"recipe": ["not", "a", "mapping"]}))
+    with pytest.raises(AdaPrunerError, match="is corrupted"):
+        options_from_run(tmp_path)

@@ -228,6 +228,7 @@ def test_uniform_per_layer_stage_tries_each_attention_level_then_tpe_goes_on(tin
     best = json.loads((root / "run" / "best.json").read_text())
     trial = min((t for t in study.trials if t.user_attrs.get("allocation") == "per-layer"), key=lambda t: t.value)
     best["best"] |= {"trial": trial.number, "value": trial.value, "config": trial.user_attrs["config"], "subset": None}
+    best["recipe"] = trial.user_attrs["recipe"]
     (root / "run" / "best.json").write_text(json.dumps(best))
     pruned = prune(str(root / "tiny"), from_run=root / "run", output=root / "pruned")
     tokens = token_stream(pruned.tokenizer, str(corpus), "validation", 512)

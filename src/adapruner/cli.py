@@ -183,7 +183,7 @@ Uniform = Annotated[
 
 def _config_options(values: dict[str, Any]) -> dict[str, Any]:
     """The PruneConfig fields among a command's parameters (``--mix`` text parsed into weights)."""
-    from .api import PruneConfig
+    from .recipe import PruneConfig
 
     names = {f.name for f in fields(PruneConfig)} - {"model", "ratio"}
     options = {k: v for k, v in values.items() if k in names}

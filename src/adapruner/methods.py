@@ -1,6 +1,6 @@
 """Named baselines (``adapruner prune --method NAME``): the methods users would run instead, as presets.
 
-Each method is a set of :class:`adapruner.api.PruneConfig` options reproducing a published structured
+Each method is a set of :class:`adapruner.recipe.PruneConfig` options reproducing a published structured
 pruning method as closely as AdaPruner's building blocks allow, with its source and the settings it
 fixes. Options the caller gives explicitly override the preset (``prune(..., method="flap",
 num_samples=32)``, or ``--method flap --num-samples 32`` on the command line); everything else comes

@@ -15,19 +15,18 @@ from typing import Any
 import optuna
 import torch
 
-from ..api import FRESH_SEED, PruneConfig, input_means, parse_windows, plan_for_scores, with_activations
-from ..data import sample_mixture
 from ..errors import AdaPrunerError
 from ..evaluation.divergence import dense_reference, windowed_kl
 from ..evaluation.perplexity import windowed_nll, windows_of
-from ..importance import Statistics, score_groups
+from ..importance import Importance, Statistics
 from ..importance.cache import StatisticsCache
 from ..importance.fresh import FreshWindows
-from ..local import applied, local_prune
-from ..local.supernet import Supernet, SupernetSettings, build_supernet, min_keep
-from ..models import get_adapter, layer_groups
+from ..local import applied
+from ..local.supernet import min_keep
+from ..models import get_adapter
 from ..models.groups import attention_group, mlp_group
 from ..pruning import Budget, masked
+from ..recipe import FRESH_SEED, PlanInputs, Planned, PruneConfig, parse_windows, plan_recipe
 from .evolution import PER_LAYER, AllocationBudget, Counts, LayerLimits
 from .space import (
     SearchSpace,
@@ -64,18 +63,12 @@ class Objective:
         (perplexity) or ``kl`` (mean KL divergence from the dense model's next-token distribution, whose
         top-k is computed here, while the model is still dense)."""
         self.model, self.adapter, self.tokenizer = model, get_adapter(model), tokenizer
-        self._fresh: dict[tuple, Statistics] = {}
-        self._refit_windows: dict[tuple[str, ...], torch.Tensor] = {}
-        self.last_refit_seconds = 0.0  # the layer-by-layer refit's share of the last trial's plan_for
-        self.last_supernet_seconds = 0.0  # the supernet's build (or load) when the last trial needed it
         self.ratio, self.layers, self.head_mode = ratio, layers, head_mode
         self.pool, self.space = pool, space
         self.caches = {pool.seq_len: cache}
-        self.fresh_windows = FreshWindows(model, tokenizer, cache.modules)  # source passes shared by the mixes
+        self.inputs = SearchInputs(self, FreshWindows(model, tokenizer, cache.modules))
         streams = valid_tokens if isinstance(valid_tokens, list | tuple) else [valid_tokens]
         self.windows = interleaved([windows_of(tokens, seq_len) for tokens in streams])
-        self.supernet_settings = SupernetSettings(damping=PruneConfig.refit_damping, max_removal=space.max_removal)
-        self._supernets: dict[tuple[str, ...], Supernet] = {}
         self.dense = [
             (attention_group(self.adapter, i, head_mode).num_units, s.intermediate_size)
             for i, s in enumerate(self.adapter.layer_shapes())
@@ -90,13 +83,7 @@ class Objective:
                 f"the objective needs at least {steps}; raise --objective-tokens or use a larger source"
             )
         self.steps = steps
-        self._groups: dict[tuple[int, int], Any] = {}
         self.warm_starts: dict[str, dict[str, Any]] = {}  # name -> Optuna parameters, to label those trials
-
-    def groups_for(self, layers: tuple[int, int]):
-        if layers not in self._groups:
-            self._groups[layers] = layer_groups(self.adapter, list(range(*layers)), self.head_mode)
-        return self._groups[layers]
 
     def cache_for(self, seq_len: int) -> StatisticsCache:
         """Statistics of the pool cut to ``seq_len`` tokens (computed once, then from disk)."""
@@ -106,94 +93,42 @@ class Objective:
             self.caches[seq_len].per_sample()
         return self.caches[seq_len]
 
-    def fresh_activations(self, config: TrialConfig) -> Statistics:
-        """Activation statistics of N fresh windows of L tokens of the trial's sources (memoised).
-
-        The windows are drawn with one seed (``FRESH_SEED``); each source's windows are run once and
-        shared by every mix that draws them (``FreshWindows``).
-        """
-        key = (config.sources, config.activation_calibration)
-        if key not in self._fresh:
-            if self.tokenizer is None:
-                raise AdaPrunerError("fresh activation windows need the tokenizer: pass it to the Objective")
-            count, length = parse_windows(config.activation_calibration)
-            self._fresh[key] = self.fresh_windows.statistics(list(config.sources), count, length, FRESH_SEED)
-        return self._fresh[key]
-
-    def prune_config(self, config: TrialConfig) -> PruneConfig:
-        """The PruneConfig of a trial (``prune --from-run`` builds the same one from ``best.json``)."""
-        return PruneConfig(
-            model="",
-            ratio=self.ratio,
-            metric=config.metric,
-            attention_metric=config.attention_metric,
-            aggregation=config.aggregation,
-            mix=config.mix,
-            attention_scale=config.attention_scale,
-            depth_slope=config.depth_slope,
-            depth_bend=config.depth_bend,
-            ranking=config.ranking,
-            compensate=config.compensate,
-            head_mode=self.head_mode,
-            seed=config.subset_seed,
-            activation_calibration=None if config.activation_calibration == "pool" else config.activation_calibration,
-            refit=config.refit,
-            refit_calibration=self.space.refit_calibration,
-            align=self.space.align,
-        )
-
-    def refit_windows(self, config: TrialConfig) -> torch.Tensor:
-        """The layer-by-layer engine's windows: ``refit_calibration`` of the trial's sources, seed FRESH_SEED."""
-        if config.sources not in self._refit_windows:
-            count, length = parse_windows(self.space.refit_calibration)
-            windows = sample_mixture(self.tokenizer, list(config.sources), count, length, seed=FRESH_SEED)
-            self._refit_windows[config.sources] = windows
-        return self._refit_windows[config.sources]
-
-    def supernet_for(self, config: TrialConfig) -> Supernet:
-        """The supernet of every layer on the trial's refit windows (built once per sources, cached on disk)."""
-        if config.sources not in self._supernets:
-            layers = list(range(self.adapter.num_layers))
-            net = build_supernet(self.model, self.refit_windows(config), layers, self.supernet_settings, self.head_mode)
-            self._supernets[config.sources] = net
-        return self._supernets[config.sources]
-
-    def plan_for(self, config: TrialConfig):
-        """The plan a trial's configuration gives, built exactly as ``adapruner prune`` builds it.
-
-        Returns the plan, the calibration subset, with compensation the subset's mean input of every
-        o_proj/down_proj (None otherwise) and with ``refit`` lsq the refitted projections (None otherwise).
-        A per-layer trial assembles its plan and refits from the supernet's candidates.
-        """
+    def recipe_for(self, config: TrialConfig) -> PruneConfig:
+        """A trial's recipe: the one its ``prune --from-run`` loads from ``best.json`` (model and dtype aside)."""
+        fresh = None if config.activation_calibration == "pool" else config.activation_calibration
+        options = {
+            "metric": config.metric,
+            "attention_metric": config.attention_metric,
+            "aggregation": config.aggregation,
+            "mix": config.mix,
+            "attention_scale": config.attention_scale,
+            "depth_slope": config.depth_slope,
+            "depth_bend": config.depth_bend,
+            "ranking": config.ranking,
+            "compensate": config.compensate,
+            "layers": "{}:{}".format(*self.layers[config.layers]),
+            "head_mode": self.head_mode,
+            "seed": config.subset_seed,
+            "calibration": ",".join(config.sources),
+            "num_samples": config.num_samples,
+            "seq_len": config.seq_len,
+            "activation_calibration": fresh,
+            "refit": config.refit,
+            "refit_calibration": self.space.refit_calibration,
+            "activation_seed": FRESH_SEED if fresh or config.refit != "none" else None,
+            "uniform": self.space.uniform,
+            "align": self.space.align,
+        }
         if config.allocation == PER_LAYER:
-            clock = time.perf_counter()
-            built = config.sources not in self._supernets
-            net = self.supernet_for(config)
-            self.last_supernet_seconds = time.perf_counter() - clock if built else 0.0
-            plan, refits = net.assemble(self.adapter, {i: (a, m) for i, a, m in config.counts}, self.head_mode)
-            self.last_refit_seconds = time.perf_counter() - clock
-            return plan, None, None, refits
-        layers = self.layers[config.layers]
-        cfg = self.prune_config(config)
-        metric = cfg.build_metric()
-        fresh = cfg.fresh_activations()
-        subset, stats = None, Statistics()
-        if not fresh or metric.needs & {"grad", "fisher"}:  # the trial reads pool samples
-            cache = self.cache_for(config.seq_len)
-            subset = cache.pool.select(
-                config.num_samples, sources=list(config.sources), window=config.window, seed=config.subset_seed
-            )
-            stats = cache.statistics_for(subset, metric)
-        if fresh:
-            stats = with_activations(stats, self.fresh_activations(config))
-        scores = score_groups(self.model, self.groups_for(layers), metric, stats, config.aggregation)
-        plan, _ = plan_for_scores(self.model, scores, cfg.budget(layers), cfg)
-        means = input_means(self.adapter, layers, stats) if cfg.refit_mode == "bias" else None
-        refits = None
-        if cfg.uses_local_engine:
-            local = local_prune(self.model, self.refit_windows(config), cfg.local_settings(), plan=plan, restore=True)
-            refits, self.last_refit_seconds = local.refits, local.seconds
-        return plan, subset, means, refits
+            options |= {"keep_counts": [list(c) for c in config.counts], "layers": None}
+            options["max_removal"] = self.space.max_removal
+        return PruneConfig(model="", ratio=self.ratio, **options)
+
+    def plan_for(self, config: TrialConfig) -> Planned:
+        """The plan a trial's recipe gives, by the path ``adapruner prune`` takes (:func:`plan_recipe`), on
+        this search's cached statistics, shared fresh windows and memoised supernets; the model's
+        weights are left as they were (refits come back in ``refits``)."""
+        return plan_recipe(self.model, self.recipe_for(config), self.inputs.for_trial(config), restore=True)
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran (or abandoned) it
@@ -209,6 +144,7 @@ class Objective:
             if trial.params == params:
                 trial.set_user_attr("warm_start", name)
         trial.set_user_attr("config", config.to_dict())
+        trial.set_user_attr("recipe", asdict(self.recipe_for(config)))  # what `prune --from-run` loads
         earlier = _same_config(trial, config)
         if earlier is not None:  # e.g. TPE proposing a point it has already measured: reuse, do not re-run
             for key in ("subset", "kept"):
@@ -217,20 +153,19 @@ class Objective:
             trial.set_user_attr("seconds", {"importance": 0.0, "masking": 0.0, "evaluation": 0.0})
             return earlier.value
         clock = time.perf_counter()
-        self.last_refit_seconds = 0.0
         try:
-            plan, subset, means, refits = self.plan_for(config)
+            planned = self.plan_for(config)
         except AdaPrunerError as exc:  # e.g. a quantile window leaves too few samples
             raise optuna.TrialPruned(str(exc)) from None
-        seconds = {"importance": time.perf_counter() - clock - self.last_refit_seconds}
-        if refits is not None:
-            seconds["refit"] = self.last_refit_seconds
-        if config.allocation == PER_LAYER and self.last_supernet_seconds:  # built (or loaded) in this trial
-            trial.set_user_attr("supernet_seconds", round(self.last_supernet_seconds, 1))
-        trial.set_user_attr("subset", subset)
-        trial.set_user_attr("kept", [list(asdict(s).values()) for s in plan.shapes()])
+        seconds = {"importance": time.perf_counter() - clock - planned.refit_seconds}
+        if planned.refits is not None:
+            seconds["refit"] = planned.refit_seconds
+        if config.allocation == PER_LAYER and self.inputs.supernet_seconds:  # built (or loaded) in this trial
+            trial.set_user_attr("supernet_seconds", round(self.inputs.supernet_seconds, 1))
+        trial.set_user_attr("subset", planned.subset)
+        trial.set_user_attr("kept", [list(asdict(s).values()) for s in planned.plan.shapes()])
         try:
-            return self._evaluate(trial, plan, seconds, means, refits)
+            return self._evaluate(trial, planned.plan, seconds, planned.input_means, planned.refits)
         finally:
             trial.set_user_attr("seconds", {k: round(v, 3) for k, v in seconds.items()})
 
@@ -285,6 +220,37 @@ class Objective:
     def _value(self, loss: float, tokens: int) -> float:
         """Perplexity (exp of the mean NLL) or the mean KL divergence per predicted token."""
         return math.exp(loss / tokens) if self.score == "ppl" else loss / tokens
+
+
+class SearchInputs(PlanInputs):
+    """A trial's plan inputs from the search's caches: the pool subset's statistics (computed once per
+    pool, then from disk) and fresh activation windows run once per source and shared by every mix."""
+
+    def __init__(self, objective: Objective, fresh_windows: FreshWindows) -> None:
+        super().__init__(objective.model, objective.tokenizer)
+        self.objective, self.fresh_windows = objective, fresh_windows
+        self._fresh: dict[tuple, Statistics] = {}
+        self.window: tuple[str, float, float] | None = None
+
+    def for_trial(self, config: TrialConfig) -> SearchInputs:
+        self.window = config.window  # the pool quantile window the subset is drawn from
+        return self
+
+    def sample_statistics(self, cfg: PruneConfig, metric: Importance, needs: frozenset[str], modules: list[str]):
+        cache = self.objective.cache_for(cfg.seq_len)
+        sources = cfg.calibration.split(",")
+        subset = cache.pool.select(cfg.num_samples, sources=sources, window=self.window, seed=cfg.seed)
+        return cache.statistics_for(subset, metric), subset
+
+    def activations(self, cfg: PruneConfig, modules: list[str]) -> Statistics:
+        key = (cfg.calibration, cfg.activation_calibration)
+        if key not in self._fresh:
+            if self.tokenizer is None:
+                raise AdaPrunerError("fresh activation windows need the tokenizer: pass it to the Objective")
+            count, length = parse_windows(cfg.activation_calibration)
+            sources = cfg.calibration.split(",")
+            self._fresh[key] = self.fresh_windows.statistics(sources, count, length, cfg.fresh_seed)
+        return self._fresh[key]
 
 
 SCORES = ("ppl", "kl")

@@ -168,7 +168,7 @@ class SearchSpace:
                 f"the search space's layer_ranges {self.layer_ranges} must list 'default' and ranges "
                 "'START:END' (END may be empty: to the last layer; quote them in YAML: '0:')"
             )
-        from ..api import parse_windows
+        from ..recipe import parse_windows
 
         for windows in [*self.fresh_activations, self.refit_calibration]:
             parse_windows(windows)

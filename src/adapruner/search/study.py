@@ -40,6 +40,7 @@ from .report import write_report
 from .space import (
     DEFAULT_LAYERS,
     SearchSpace,
+    TrialConfig,
     baseline_params,
     warm_start_params,
 )
@@ -231,6 +232,7 @@ def search(
     pool_spec = {"sources": space.sources, "per_source": pool_per_source, "seq_len": pool_seq_len, "seed": seed}
     return _write_outputs(
         study,
+        objective,
         run_dir,
         model,
         ratio,
@@ -271,6 +273,7 @@ def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 def _write_outputs(
     study,
+    objective: Objective,
     run_dir: Path,
     model: str,
     ratio: float,
@@ -296,6 +299,10 @@ def _write_outputs(
             "params": best.params,
             "kept": best.user_attrs.get("kept"),
         },
+        # the winner's recipe whole, as `prune --from-run` loads it (model and dtype are the prune's); trials
+        # of a study begun by an older version did not store it
+        "recipe": best.user_attrs.get("recipe")
+        or asdict(objective.recipe_for(TrialConfig(**best.user_attrs["config"]))),
         "baseline": {"trial": baseline.number, "value": baseline.value},
         "warm_starts": {
             t.user_attrs["warm_start"]: {"trial": t.number, "value": t.value}

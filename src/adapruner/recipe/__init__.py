@@ -1,0 +1,28 @@
+"""From a recipe to a pruned model: the configuration (:class:`PruneConfig`), its calibration checks,
+the one recipe -> plan path (:func:`plan_recipe`) that ``prune``, every search trial and ``--from-run``
+share, and the prune itself."""
+
+from .calibration import check_calibration, default_refit_calibration, refit_windows
+from .config import FRESH_SEED, OBS, REFIT_MODES, PruneConfig, parse_windows
+from .plan import PlanInputs, Planned, input_means, plan_for_scores, plan_recipe, statistics, with_activations
+from .prune import PruneResult, prune
+
+__all__ = [
+    "FRESH_SEED",
+    "OBS",
+    "REFIT_MODES",
+    "PlanInputs",
+    "Planned",
+    "PruneConfig",
+    "PruneResult",
+    "check_calibration",
+    "default_refit_calibration",
+    "input_means",
+    "parse_windows",
+    "plan_for_scores",
+    "plan_recipe",
+    "prune",
+    "refit_windows",
+    "statistics",
+    "with_activations",
+]

@@ -1,0 +1,226 @@
+"""What a pruning run is: the recipe and its settings (:class:`PruneConfig`), validated in one place.
+
+Every way into pruning (``adapruner prune``, a search trial, ``--from-run``, the pipeline) builds one of
+these and hands it to :func:`adapruner.recipe.plan.plan_recipe`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..errors import AdaPrunerError
+from ..importance import AGGREGATIONS, Importance, get_metric
+from ..importance.metrics import PerKind
+from ..local import LocalSettings
+from ..methods import get_method, with_method
+from ..models.groups import HEAD_MODES
+from ..pruning.plan import RANKINGS, Budget
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that decides a pruning run; recorded verbatim in ``adapruner.json``."""
+
+    model: str
+    ratio: float
+    metric: str = "element1"
+    aggregation: str = "sum"
+    calibration: str = "books"
+    num_samples: int = 10
+    seq_len: int = 64
+    layers: str | None = None
+    head_mode: str = "auto"
+    attention_scale: float = 1.0
+    align: int = 1
+    seed: int = 0
+    dtype: str = "float32"
+    mix: dict[str, float] | None = None
+    global_ranking: bool = False
+    offload: bool = False
+    batch_size: int | None = None  # samples per statistics step; None: all at once, as LLM-Pruner does
+    gradient_checkpointing: bool = True  # same statistics, ~0.5x peak memory, a little slower
+    attention_metric: str | None = None  # None: ``metric`` scores attention heads too
+    depth_slope: float = 0.0  # per-layer rate profile (see Budget); 0, 0 = uniform
+    depth_bend: float = 0.0
+    method: str | None = None  # the preset (adapruner.methods) the other fields started from
+    ranking: str | None = None  # layer | global | global-all (FLAP's AL-AM); None: from global_ranking
+    compensate: bool = False  # FLAP's bias compensation of removed o_proj/down_proj inputs
+    # "NxL": activation statistics (Wanda-sp, FLAP, compensation) from N fresh windows of L tokens of
+    # ``calibration`` instead of the gradient samples; None: from the same samples
+    activation_calibration: str | None = None
+    activation_seed: int | None = None  # seed of those windows and of the refit's (None: ``seed``)
+    # Refit of the kept weights: "none"; "bias" (FLAP's compensation, the same as ``compensate``); "lsq"
+    # (layer by layer, least squares of the kept o_proj/down_proj columns, see adapruner.local). The
+    # ``obs`` metric always refits by least squares.
+    refit: str = "none"
+    # NxL windows of ``calibration`` the layer-by-layer engine runs on; None: REFIT_TOKENS tokens in the longest
+    # windows the text offers enough of (128x128; books, whose passages are short: 256x64), see check_calibration
+    refit_calibration: str | None = None
+    refit_damping: float = 1e-3  # fraction of the mean diagonal of each input Gram matrix (measured, README)
+    refit_bias: bool = True  # lsq/obs: refit a bias too (the kept columns fitted on centred inputs)
+    obs_rounds: int = 16  # obs: batches in which MLP channels are removed
+    refit_device: str | None = None  # run the layer-by-layer engine there, one layer at a time (e.g. cuda)
+    # A per-layer allocation (a search's per-layer trial): [layer, attention units, MLP channels] kept per
+    # layer, pruned by assembling the supernet's candidates (OBS order + least-squares refit on the dense
+    # model's inputs over ``refit_calibration`` windows of ``calibration``; adapruner.local.supernet)
+    keep_counts: list[list[int]] | None = None
+    max_removal: float = 0.9  # the supernet's deepest candidate (it decides OBS's removal order)
+    # every layer pruned to the same sizes and saved in the family's stock architecture (no remote code):
+    # the ranking is per layer, the layer range every layer, the depth profile flat (adapruner.pruning.stock)
+    uniform: bool = False
+
+    @classmethod
+    def from_method(cls, model: str, ratio: float, method: str | None = None, **options: Any) -> PruneConfig:
+        """The preset of ``method`` (see :mod:`adapruner.methods`), overridden by ``options``."""
+        return cls(model=model, ratio=ratio, **with_method({"method": method} | options))
+
+    @property
+    def ranking_mode(self) -> str:
+        return self.ranking or ("global" if self.global_ranking else "layer")
+
+    @property
+    def refit_mode(self) -> str:
+        """none, bias or lsq: ``compensate`` is FLAP's name for ``bias``; ``obs`` selection refits by lsq."""
+        if self.refit == "lsq" or self.local_selection:
+            return "lsq"
+        return "bias" if self.refit == "bias" or self.compensate else "none"
+
+    @property
+    def output_bias(self) -> str | None:
+        """What gives o_proj/down_proj a bias in the output (None: nothing): ``--uniform`` must express it."""
+        if self.keep_counts is not None:
+            return "the supernet's least-squares refit"
+        if self.refit_mode == "bias":
+            return "bias compensation (--compensate / --refit bias)"
+        if self.refit_mode == "lsq" and self.refit_bias:
+            return "the least-squares refit (its bias)"
+        return None
+
+    def as_uniform(self, given: dict[str, Any]) -> PruneConfig:
+        """This recipe with every layer pruned alike (``--uniform``): a preset's cross-layer ranking becomes
+        ``layer`` (FLAP: its uniform UL-UM variant) and its layer range every layer. Options typed in
+        ``given`` that contradict it are one-line errors."""
+        if given.get("ranking") not in (None, "layer") or given.get("global_ranking"):
+            raise AdaPrunerError("--uniform prunes every layer alike: drop --ranking/--global-ranking")
+        if given.get("depth_slope") or given.get("depth_bend"):
+            raise AdaPrunerError("--uniform prunes every layer alike: drop --depth-slope/--depth-bend")
+        if self.keep_counts is not None and len({(a, m) for _, a, m in self.keep_counts}) > 1:
+            raise AdaPrunerError(
+                "--uniform: this search's best trial keeps different counts per layer; search with --uniform"
+            )
+        layers = given.get("layers") or ("0:" if self.keep_counts is None else None)
+        return replace(self, ranking="layer", global_ranking=False, layers=layers, depth_slope=0.0, depth_bend=0.0)
+
+    @property
+    def fresh_seed(self) -> int:
+        """The seed of the fresh windows (activation statistics, refit): ``activation_seed``, else ``seed``."""
+        return self.seed if self.activation_seed is None else self.activation_seed
+
+    @property
+    def local_selection(self) -> bool:
+        """Structured OBS chooses the units inside the layer-by-layer engine (no static scores)."""
+        return self.metric == OBS
+
+    @property
+    def uses_local_engine(self) -> bool:
+        return self.refit_mode == "lsq"
+
+    def local_settings(self) -> LocalSettings:
+        return LocalSettings(
+            selection="obs" if self.local_selection else "plan",
+            refit="lsq",
+            damping=self.refit_damping,
+            bias=self.refit_bias,
+            rounds=self.obs_rounds,
+            device=self.refit_device,
+        )
+
+    def build_metric(self) -> Importance:
+        if self.local_selection:
+            raise AdaPrunerError("the obs metric has no static scores: it selects inside the local engine")
+        mlp = get_metric(self.metric, seed=self.seed, mix=self.mix)
+        if self.attention_metric in (None, self.metric):
+            return mlp
+        return PerKind(get_metric(self.attention_metric, seed=self.seed, mix=self.mix), mlp)
+
+    def statistic_needs(self) -> frozenset[str]:
+        """What the statistics pass must collect: the metric's needs, plus activations to compensate."""
+        if self.local_selection:
+            return frozenset()
+        return self.build_metric().needs | ({"activations"} if self.refit_mode == "bias" else frozenset())
+
+    def fresh_activations(self) -> bool:
+        """Activation statistics come from their own fresh windows rather than the calibration samples.
+
+        ``adapruner prune`` and every search trial decide it here, so a trial and its ``--from-run``
+        prune read the same activations.
+        """
+        return self.activation_calibration is not None and "activations" in self.statistic_needs()
+
+    def budget(self, layer_range: tuple[int, int] | None = None) -> Budget:
+        return Budget(
+            self.ratio,
+            layer_range,
+            self.attention_scale,
+            self.align,
+            self.head_mode,
+            self.depth_slope,
+            self.depth_bend,
+        )
+
+    def validate(self) -> None:
+        self.budget()
+        self._validate_refit()
+        if not self.local_selection:
+            self.build_metric()
+        if self.method is not None:
+            get_method(self.method)
+        if self.ranking_mode not in RANKINGS:
+            raise AdaPrunerError(f"unknown ranking '{self.ranking}': choose one of {', '.join(RANKINGS)}")
+        if self.global_ranking and self.ranking_mode != "global":
+            raise AdaPrunerError(f"--global-ranking contradicts ranking '{self.ranking}': give only one of them")
+        if self.aggregation not in AGGREGATIONS:
+            raise AdaPrunerError(f"unknown aggregation '{self.aggregation}': choose one of {', '.join(AGGREGATIONS)}")
+        if self.head_mode not in HEAD_MODES:
+            raise AdaPrunerError(f"unknown head mode '{self.head_mode}': choose one of {', '.join(HEAD_MODES)}")
+        if self.num_samples < 1 or self.seq_len < 2:
+            raise AdaPrunerError("--num-samples must be >= 1 and --seq-len >= 2")
+        if self.activation_calibration is not None:
+            parse_windows(self.activation_calibration)
+
+    def _validate_refit(self) -> None:
+        if self.refit not in REFIT_MODES:
+            raise AdaPrunerError(f"unknown --refit '{self.refit}': choose one of {', '.join(REFIT_MODES)}")
+        if self.uses_local_engine:
+            if self.refit_calibration is not None:
+                parse_windows(self.refit_calibration)
+            self.local_settings()
+        if not self.local_selection:
+            return
+        if self.refit == "bias" or self.compensate:
+            raise AdaPrunerError("--metric obs refits by least squares: drop --refit bias / --compensate")
+        if self.ranking_mode != "layer" or self.attention_metric not in (None, OBS):
+            raise AdaPrunerError(
+                "--metric obs chooses units inside each layer at the budget's per-layer rates: use --ranking layer "
+                "and no --attention-metric"
+            )
+
+
+OBS = "obs"  # structured OBS selection: a metric name that the local engine, not a score, implements
+REFIT_MODES = ("none", "bias", "lsq")
+
+
+REFIT_TOKENS = 128 * 128  # the default refit windows: 128 of 128 tokens, or as many tokens in shorter ones
+REFIT_LENGTHS = (128, 64, 32)  # their lengths, longest first
+
+
+def parse_windows(text: str) -> tuple[int, int]:
+    """``"128x128"`` -> (128 windows, 128 tokens each); a one-line error otherwise."""
+    count, sep, length = str(text).lower().partition("x")
+    if not (sep and count.strip().isdigit() and length.strip().isdigit()) or int(count) < 1 or int(length) < 2:
+        raise AdaPrunerError(f"activation calibration '{text}' must look like 128x128 (windows x tokens)")
+    return int(count), int(length)
+
+
+FRESH_SEED = 0  # the search draws fresh activation windows with this seed: one pass per source, shared by mixes
