@@ -168,7 +168,33 @@ def test_every_metric_prunes_from_the_cli(tiny_model_dir, extra):
     result = run(*prune_args(root, "--output", root / "out", *extra))
     assert result.exit_code == 0, result.output
     record = json.loads((root / "out" / "adapruner.json").read_text())
-    assert record["config"]["metric"] == extra[1]
+    assert _typed_options_recorded(extra, record["config"])
+
+
+def _typed_options_recorded(extra: list[str], config: dict) -> bool:
+    """Every flag typed in ``extra`` reached the recorded recipe with its value (older spellings as the
+    one field they now set): what the command did, not only that it exited 0."""
+    older = {"--global-ranking": ("ranking", "global"), "--compensate": ("refit", "bias")}
+    i = 0
+    while i < len(extra):
+        flag = extra[i]
+        if flag in older:
+            field, value = older[flag]
+            i += 1
+        elif flag.startswith("--no-"):
+            field, value = flag[5:].replace("-", "_"), False
+            i += 1
+        else:
+            field, value, i = flag[2:].replace("-", "_"), extra[i + 1], i + 2
+        recorded = config[field]
+        if isinstance(recorded, dict):  # --mix a=0.5,b=0.5
+            value = {k: float(v) for k, v in (item.split("=") for item in value.split(","))}
+        elif isinstance(recorded, bool) or recorded is None:
+            pass
+        else:
+            value = type(recorded)(value)
+        assert recorded == value, (flag, recorded, value)
+    return True
 
 
 @pytest.mark.parametrize(
@@ -190,6 +216,7 @@ def test_refit_and_obs_prune_from_the_cli(tiny_model_dir, extra):
     record = json.loads((root / "out" / "adapruner.json").read_text())
     local = record["local"]
     assert local["tokens"] == 640 and set(local["relative_errors"]) and 0 <= local["mean_relative_error"] < 1
+    assert _typed_options_recorded(extra, record["config"])
     assert record["config"]["refit"] == ("none" if record["config"]["metric"] == "obs" else "lsq")
     assert bool(local["curves"]) == (record["config"]["metric"] == "obs")  # OBS records its error curves
     assert record["params"]["pruned"] < record["params"]["dense"] and abs(record["achieved_ratio"] - 0.15) < 0.03
@@ -449,11 +476,10 @@ def test_every_prune_config_field_has_a_flag_and_every_flag_a_field():
     command = {"ctx", "output", "overwrite", "device_map", "from_run", "export", "quant"}
     flags = set(inspect.signature(cli.prune).parameters)
     assert config - flags == per_trial
-    assert flags - config == command
+    assert flags - config == command | {"global_ranking", "compensate"}  # older spellings, hidden
     scoring_only = set(inspect.signature(cli.importance).parameters)  # importance scores, never refits or saves
     assert config - scoring_only == per_trial | {
         "method",
-        "compensate",
         "refit",
         "refit_bias",
         "refit_calibration",
@@ -462,4 +488,4 @@ def test_every_prune_config_field_has_a_flag_and_every_flag_a_field():
         "obs_rounds",
         "uniform",
     }
-    assert scoring_only - config == {"output", "device_map"}
+    assert scoring_only - config == {"output", "device_map", "global_ranking"}

@@ -63,9 +63,9 @@ def pruned_family(root, family: str, monkeypatch, ratio: float = 0.3, **options)
     ("family", "options"),
     [
         ("llama-mha", {"layers": "1:4"}),
-        ("llama-gqa", {"layers": "1:4", "compensate": True}),
-        ("mistral-gqa", {"layers": "0:4", "ranking": "global-all", "compensate": True}),
-        ("qwen2-gqa", {"layers": "1:4", "compensate": True, "ratio": 0.2}),
+        ("llama-gqa", {"layers": "1:4", "refit": "bias"}),
+        ("mistral-gqa", {"layers": "0:4", "ranking": "global-all", "refit": "bias"}),
+        ("qwen2-gqa", {"layers": "1:4", "refit": "bias", "ratio": 0.2}),
         ("qwen2-mha", {"layers": "0:4", "ranking": "global"}),
     ],
 )
@@ -127,7 +127,7 @@ def smollm2_pruned(tmp_path_factory):
     widths and o_proj/down_proj biases, the deci graph's optional tensors."""
     root = tmp_path_factory.mktemp("smol")
     for ratio in (0.2, 0.5):
-        adapruner.prune("smollm2-135m", ratio, compensate=True, output=root / f"r{ratio}")
+        adapruner.prune("smollm2-135m", ratio, refit="bias", output=root / f"r{ratio}")
     return root
 
 

@@ -203,8 +203,19 @@ def test_ranking_options_are_checked():
     with pytest.raises(AdaPrunerError, match="unknown ranking"):
         PruneConfig(model="", ratio=0.2, ranking="everywhere").validate()
     with pytest.raises(AdaPrunerError, match="contradicts"):
-        PruneConfig(model="", ratio=0.2, ranking="global-all", global_ranking=True).validate()
-    assert PruneConfig(model="", ratio=0.2, global_ranking=True).ranking_mode == "global"
+        PruneConfig.from_method("", 0.2, ranking="global-all", global_ranking=True)
+
+
+def test_older_spellings_become_the_one_field_of_their_concept():
+    """--global-ranking is --ranking global and --compensate is --refit bias: one field each in the recipe
+    (a least-squares refit, which supersedes compensation, stays)."""
+    from dataclasses import fields
+
+    assert not {"global_ranking", "compensate"} & {f.name for f in fields(PruneConfig)}
+    assert PruneConfig.from_method("", 0.2, global_ranking=True).ranking == "global"
+    assert PruneConfig.from_method("", 0.2, compensate=True).refit == "bias"
+    assert PruneConfig.from_method("", 0.2, compensate=True, refit="lsq").refit == "lsq"
+    assert PruneConfig.from_method("", 0.2, compensate=False, global_ranking=False) == PruneConfig(model="", ratio=0.2)
 
 
 # -- method presets -------------------------------------------------------------------------
@@ -212,7 +223,7 @@ def test_ranking_options_are_checked():
 
 def test_presets_and_overrides():
     cfg = PruneConfig.from_method("m", 0.2, "flap", num_samples=16)
-    assert (cfg.metric, cfg.ranking, cfg.compensate, cfg.layers) == ("wifv", "global-all", True, "0:")
+    assert (cfg.metric, cfg.ranking, cfg.refit, cfg.layers) == ("wifv", "global-all", "bias", "0:")
     assert cfg.num_samples == 16 and cfg.method == "flap"
     assert PruneConfig.from_method("m", 0.2, "llm-pruner-element1") == PruneConfig(
         "m", 0.2, method="llm-pruner-element1"
@@ -276,7 +287,7 @@ def test_every_method_prunes_a_tiny_model_to_the_ratio(tiny_model_dir):
         if method == "flap":
             flap_result = result
     assert all(plans[m] != plans["random"] for m in METHODS if m != "random")
-    assert flap_result.record["config"]["compensate"] and flap_result.record["config"]["ranking"] == "global-all"
+    assert flap_result.record["config"]["refit"] == "bias" and flap_result.record["config"]["ranking"] == "global-all"
     assert any(m.mlp.down_proj.bias is not None for m in flap_result.model.model.layers)
 
 
@@ -290,7 +301,7 @@ def test_cli_method_flap_saves_a_reloadable_model_and_flags_override(tiny_model_
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     config = json.loads((root / "out" / "adapruner.json").read_text())["config"]
-    assert config["method"] == "flap" and config["metric"] == "wifv" and config["compensate"]
+    assert config["method"] == "flap" and config["metric"] == "wifv" and config["refit"] == "bias"
     assert config["num_samples"] == 6 and config["seq_len"] == 16 and config["layers"] == "0:"
     model = load_pruned(root / "out")
     assert torch.isfinite(model(TOKENS).logits).all()

@@ -112,7 +112,7 @@ def test_global_ranking_moves_cuts_to_low_scoring_layers(head_mode):
         scores[(layer, "attention")] = torch.rand(attention_group(adapter, layer, head_mode).num_units) * scale
         scores[(layer, "mlp")] = torch.rand(40) * scale
     local = plan_from_scores(adapter, scores, keep, head_mode)
-    ranked = plan_from_scores(adapter, scores, keep, head_mode, global_ranking=True)
+    ranked = plan_from_scores(adapter, scores, keep, head_mode, ranking="global")
     removed = [
         sum(d - k for d, k in zip(full, kept, strict=True))
         for full, kept in (

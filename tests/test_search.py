@@ -351,7 +351,7 @@ def test_flap_warm_starts_are_trials_1_and_2_and_are_the_methods_exactly(tiny_mo
     flap, record = _warm_start_is_the_method_exactly(root, corpus, result, "flap")
     assert flap.user_attrs["config"]["compensate"] and flap.user_attrs["config"]["layers"] == "0:"
     assert flap.user_attrs["subset"] is None and "num_samples" not in flap.params
-    assert record["config"]["compensate"] and record["config"]["ranking"] == "global-all"
+    assert record["config"]["refit"] == "bias" and record["config"]["ranking"] == "global-all"
     assert record["config"]["activation_calibration"] == "128x128" and record["layer_range"] == [0, 4]
 
     refitted, record = _warm_start_is_the_method_exactly(root, corpus, result, "flap-refit")

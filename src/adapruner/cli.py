@@ -86,7 +86,8 @@ Align = Annotated[
         help="Kept MLP channels of every pruned layer a multiple of this (64, 256: what kernels and K-quants like).",
     ),
 ]
-GlobalRanking = Annotated[bool, typer.Option(help="Rank units of a kind across layers instead of per layer.")]
+GlobalRanking = Annotated[bool, typer.Option(hidden=True, help="Older spelling of --ranking global.")]
+Compensate = Annotated[bool, typer.Option(hidden=True, help="Older spelling of --refit bias.")]
 Seed = Annotated[int, typer.Option(help="Seed for calibration sampling and the random metric.")]
 Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 DeviceMap = Annotated[str | None, typer.Option(help="Passed to from_pretrained, e.g. auto.")]
@@ -97,13 +98,16 @@ AttentionMetric = Annotated[str | None, typer.Option(help="Another metric for at
 DepthSlope = Annotated[float, typer.Option(help="Per-layer rate profile: >0 cuts deeper layers more (0: uniform).")]
 DepthBend = Annotated[float, typer.Option(help="Per-layer rate profile: >0 cuts both ends more than the middle.")]
 Ranking = Annotated[
-    str | None,
-    typer.Option(help="layer, global or global-all (heads and channels of all layers in one list, FLAP's AL-AM)."),
+    str,
+    typer.Option(
+        help="layer (each layer keeps its share), global (units of a kind compete across layers) or global-all "
+        "(heads and channels of all layers in one list, FLAP's AL-AM)."
+    ),
 ]
 ActivationCalibration = Annotated[
     str | None,
     typer.Option(
-        help="Activation statistics (wanda_sp, flap, wifv, --compensate) from N fresh windows of L tokens of "
+        help="Activation statistics (wanda_sp, flap, wifv, --refit bias) from N fresh windows of L tokens of "
         "--calibration, e.g. 128x128 (default: the same samples as the gradients)."
     ),
 ]
@@ -112,8 +116,9 @@ ActivationCalibration = Annotated[
 Refit = Annotated[
     str,
     typer.Option(
-        help="none; bias (FLAP's compensation, = --compensate); lsq (layer by layer, least-squares refit of the "
-        "kept o_proj/down_proj columns and a bias on the pruned model's own inputs)."
+        help="none; bias (FLAP's compensation: removed o_proj/down_proj inputs live on as a bias); lsq (layer "
+        "by layer, least-squares refit of the kept o_proj/down_proj columns and a bias on the pruned model's own "
+        "inputs)."
     ),
 ]
 RefitCalibration = Annotated[
@@ -182,10 +187,12 @@ Uniform = Annotated[
 
 
 def _config_options(values: dict[str, Any]) -> dict[str, Any]:
-    """The PruneConfig fields among a command's parameters (``--mix`` text parsed into weights)."""
+    """The PruneConfig fields (and their older spellings) among a command's parameters (``--mix`` text
+    parsed into weights)."""
     from .recipe import PruneConfig
+    from .recipe.config import LEGACY_SPELLINGS
 
-    names = {f.name for f in fields(PruneConfig)} - {"model", "ratio"}
+    names = ({f.name for f in fields(PruneConfig)} | set(LEGACY_SPELLINGS)) - {"model", "ratio"}
     options = {k: v for k, v in values.items() if k in names}
     options["mix"] = parse_mix(options.get("mix")) or None
     return options
@@ -233,11 +240,9 @@ def prune(
     attention_metric: AttentionMetric = None,
     depth_slope: DepthSlope = 0.0,
     depth_bend: DepthBend = 0.0,
-    ranking: Ranking = None,
+    ranking: Ranking = "layer",
     activation_calibration: ActivationCalibration = None,
-    compensate: Annotated[
-        bool, typer.Option(help="FLAP's bias compensation: removed o_proj/down_proj inputs live on as a bias.")
-    ] = False,
+    compensate: Compensate = False,
     refit: Refit = "none",
     refit_calibration: RefitCalibration = None,
     refit_damping: RefitDamping = 1e-3,
@@ -300,7 +305,7 @@ def importance(
     attention_metric: AttentionMetric = None,
     depth_slope: DepthSlope = 0.0,
     depth_bend: DepthBend = 0.0,
-    ranking: Ranking = None,
+    ranking: Ranking = "layer",
     activation_calibration: ActivationCalibration = None,
     seed: Seed = 0,
     dtype: Dtype = "float32",

@@ -93,7 +93,7 @@ METHODS: dict[str, Method] = {
                 "metric": "wifv",
                 "aggregation": "sum",
                 "ranking": "global-all",
-                "compensate": True,
+                "refit": "bias",
                 **FLAP_CALIBRATION,
             },
         ),

@@ -264,13 +264,12 @@ def plan_from_scores(
     scores: Scores,
     keep: KeepCounts,
     head_mode: HeadMode,
-    global_ranking: bool = False,
     align: int = 1,
-    ranking: str | None = None,
+    ranking: str = "layer",
 ) -> PrunePlan:
     """Keep the top-scoring units of each pruned layer; layers outside the range stay whole.
 
-    ``ranking`` (default: ``"global"`` if ``global_ranking`` else ``"layer"``):
+    ``ranking``:
 
     * ``layer``: each pruned layer keeps the counts of ``keep`` (its top-scoring units);
     * ``global``: the per-kind totals of ``keep`` are kept but redistributed across layers: units of
@@ -282,7 +281,6 @@ def plan_from_scores(
 
     Every ranking keeps at least one unit per block (attention) and one channel (MLP) in every layer.
     """
-    ranking = ranking or ("global" if global_ranking else "layer")
     if ranking == "global":
         keep = _global_keep_counts(adapter, scores, keep, head_mode, align)
     elif ranking == "global-all":

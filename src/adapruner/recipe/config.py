@@ -36,7 +36,6 @@ class PruneConfig:
     seed: int = 0
     dtype: str = "float32"
     mix: dict[str, float] | None = None
-    global_ranking: bool = False
     offload: bool = False
     batch_size: int | None = None  # samples per statistics step; None: all at once, as LLM-Pruner does
     gradient_checkpointing: bool = True  # same statistics, ~0.5x peak memory, a little slower
@@ -44,13 +43,12 @@ class PruneConfig:
     depth_slope: float = 0.0  # per-layer rate profile (see Budget); 0, 0 = uniform
     depth_bend: float = 0.0
     method: str | None = None  # the preset (adapruner.methods) the other fields started from
-    ranking: str | None = None  # layer | global | global-all (FLAP's AL-AM); None: from global_ranking
-    compensate: bool = False  # FLAP's bias compensation of removed o_proj/down_proj inputs
+    ranking: str = "layer"  # layer | global | global-all (FLAP's AL-AM): which units compete for the cut
     # "NxL": activation statistics (Wanda-sp, FLAP, compensation) from N fresh windows of L tokens of
     # ``calibration`` instead of the gradient samples; None: from the same samples
     activation_calibration: str | None = None
     activation_seed: int | None = None  # seed of those windows and of the refit's (None: ``seed``)
-    # Refit of the kept weights: "none"; "bias" (FLAP's compensation, the same as ``compensate``); "lsq"
+    # Refit of the kept weights: "none"; "bias" (FLAP's compensation of removed o_proj/down_proj inputs); "lsq"
     # (layer by layer, least squares of the kept o_proj/down_proj columns, see adapruner.local). The
     # ``obs`` metric always refits by least squares.
     refit: str = "none"
@@ -72,19 +70,14 @@ class PruneConfig:
 
     @classmethod
     def from_method(cls, model: str, ratio: float, method: str | None = None, **options: Any) -> PruneConfig:
-        """The preset of ``method`` (see :mod:`adapruner.methods`), overridden by ``options``."""
-        return cls(model=model, ratio=ratio, **with_method({"method": method} | options))
-
-    @property
-    def ranking_mode(self) -> str:
-        return self.ranking or ("global" if self.global_ranking else "layer")
+        """The preset of ``method`` (see :mod:`adapruner.methods`), overridden by ``options`` (older
+        spellings included, see :func:`one_spelling`)."""
+        return cls(model=model, ratio=ratio, **with_method({"method": method} | one_spelling(options)))
 
     @property
     def refit_mode(self) -> str:
-        """none, bias or lsq: ``compensate`` is FLAP's name for ``bias``; ``obs`` selection refits by lsq."""
-        if self.refit == "lsq" or self.local_selection:
-            return "lsq"
-        return "bias" if self.refit == "bias" or self.compensate else "none"
+        """none, bias or lsq: what the plan's kept weights get (``obs`` selection always refits by lsq)."""
+        return "lsq" if self.local_selection else self.refit
 
     @property
     def output_bias(self) -> str | None:
@@ -92,7 +85,7 @@ class PruneConfig:
         if self.keep_counts is not None:
             return "the supernet's least-squares refit"
         if self.refit_mode == "bias":
-            return "bias compensation (--compensate / --refit bias)"
+            return "bias compensation (--refit bias)"
         if self.refit_mode == "lsq" and self.refit_bias:
             return "the least-squares refit (its bias)"
         return None
@@ -102,7 +95,7 @@ class PruneConfig:
         ``layer`` (FLAP: its uniform UL-UM variant) and its layer range every layer. Options typed in
         ``given`` that contradict it are one-line errors."""
         if given.get("ranking") not in (None, "layer") or given.get("global_ranking"):
-            raise AdaPrunerError("--uniform prunes every layer alike: drop --ranking/--global-ranking")
+            raise AdaPrunerError("--uniform prunes every layer alike: drop --ranking")
         if given.get("depth_slope") or given.get("depth_bend"):
             raise AdaPrunerError("--uniform prunes every layer alike: drop --depth-slope/--depth-bend")
         if self.keep_counts is not None and len({(a, m) for _, a, m in self.keep_counts}) > 1:
@@ -110,7 +103,7 @@ class PruneConfig:
                 "--uniform: this search's best trial keeps different counts per layer; search with --uniform"
             )
         layers = given.get("layers") or ("0:" if self.keep_counts is None else None)
-        return replace(self, ranking="layer", global_ranking=False, layers=layers, depth_slope=0.0, depth_bend=0.0)
+        return replace(self, ranking="layer", layers=layers, depth_slope=0.0, depth_bend=0.0)
 
     @property
     def fresh_seed(self) -> int:
@@ -176,10 +169,8 @@ class PruneConfig:
             self.build_metric()
         if self.method is not None:
             get_method(self.method)
-        if self.ranking_mode not in RANKINGS:
+        if self.ranking not in RANKINGS:
             raise AdaPrunerError(f"unknown ranking '{self.ranking}': choose one of {', '.join(RANKINGS)}")
-        if self.global_ranking and self.ranking_mode != "global":
-            raise AdaPrunerError(f"--global-ranking contradicts ranking '{self.ranking}': give only one of them")
         if self.aggregation not in AGGREGATIONS:
             raise AdaPrunerError(f"unknown aggregation '{self.aggregation}': choose one of {', '.join(AGGREGATIONS)}")
         if self.head_mode not in HEAD_MODES:
@@ -198,9 +189,9 @@ class PruneConfig:
             self.local_settings()
         if not self.local_selection:
             return
-        if self.refit == "bias" or self.compensate:
-            raise AdaPrunerError("--metric obs refits by least squares: drop --refit bias / --compensate")
-        if self.ranking_mode != "layer" or self.attention_metric not in (None, OBS):
+        if self.refit == "bias":
+            raise AdaPrunerError("--metric obs refits by least squares: drop --refit bias")
+        if self.ranking != "layer" or self.attention_metric not in (None, OBS):
             raise AdaPrunerError(
                 "--metric obs chooses units inside each layer at the budget's per-layer rates: use --ranking layer "
                 "and no --attention-metric"
@@ -213,6 +204,23 @@ REFIT_MODES = ("none", "bias", "lsq")
 
 REFIT_TOKENS = 128 * 128  # the default refit windows: 128 of 128 tokens, or as many tokens in shorter ones
 REFIT_LENGTHS = (128, 64, 32)  # their lengths, longest first
+
+
+LEGACY_SPELLINGS = ("global_ranking", "compensate")  # older options, each now a value of one field
+
+
+def one_spelling(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the older spellings made values of the one field each concept has:
+    ``global_ranking=True`` is ``ranking="global"``; ``compensate=True`` is ``refit="bias"`` (a least-squares
+    refit, which supersedes compensation, stays). A contradiction is a one-line error."""
+    options = dict(options)
+    if options.pop("global_ranking", False):
+        if options.get("ranking") not in (None, "layer", "global"):
+            raise AdaPrunerError(f"--global-ranking contradicts ranking '{options['ranking']}': give only --ranking")
+        options["ranking"] = "global"
+    if options.pop("compensate", False) and options.get("refit") in (None, "none"):
+        options["refit"] = "bias"
+    return options
 
 
 def parse_windows(text: str) -> tuple[int, int]:

@@ -179,8 +179,8 @@ def plan_for_scores(model: torch.nn.Module, scores: Scores, budget: Budget, cfg:
     """The units the scores keep under the budget, ranked as the recipe says."""
     adapter = get_adapter(model)
     keep = solve_keep_counts(adapter, budget, count_params(model))
-    ranked = allocation_offsets(scores, budget, cfg.ranking_mode)
-    return plan_from_scores(adapter, ranked, keep, cfg.head_mode, align=cfg.align, ranking=cfg.ranking_mode)
+    ranked = allocation_offsets(scores, budget, cfg.ranking)
+    return plan_from_scores(adapter, ranked, keep, cfg.head_mode, align=cfg.align, ranking=cfg.ranking)
 
 
 def input_means(adapter: ModelAdapter, layers: tuple[int, int], stats: Statistics) -> dict[str, torch.Tensor]:
