@@ -8,6 +8,7 @@ import torch
 from adapruner import AdaPrunerError
 from adapruner.importance import aggregate, collect_statistics, get_metric, parse_mix, score_group, score_groups
 from adapruner.importance.base import Statistics
+from adapruner.importance.metrics import METRICS
 from adapruner.models import attention_group, get_adapter, mlp_group
 from conftest import make_tiny
 
@@ -94,7 +95,8 @@ REFERENCES = {
 def _stats_for(model, metric, samples=SAMPLES, **kwargs):
     adapter = get_adapter(model)
     modules = adapter.projection_names(range(4))
-    return collect_statistics(model, samples, modules, get_metric(metric, mix={"l2": 1}).needs, **kwargs)
+    needs = get_metric(metric, mix={"l2": 0.5, "element1": 0.5}).needs
+    return collect_statistics(model, samples, modules, needs, **kwargs)
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2-gqa", "llama-mha"])
@@ -116,6 +118,21 @@ def test_metric_matches_naive_reference(name, metric):
         }
         torch.testing.assert_close(attn, ref["attention"].float(), rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(mlp, ref["mlp"].float(), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("metric", sorted(METRICS))
+def test_every_registered_metric_gives_one_finite_score_per_unit(metric):
+    """The protocol every entry of METRICS keeps (a new metric class is checked here as soon as it is
+    listed): one finite score per unit of both kinds, on GQA and MHA, from the statistics it declares."""
+    for name in ("llama-gqa", "llama-mha"):
+        model = make_tiny(name)
+        adapter = get_adapter(model)
+        groups = [g for i in (1, 2) for g in (attention_group(adapter, i, "kv-group"), mlp_group(adapter, i))]
+        importance = get_metric(metric, mix={"l2": 0.5, "element1": 0.5})
+        scores = score_groups(model, groups, importance, _stats_for(model, metric))
+        for group in groups:
+            values = scores[(group.layer, group.kind)]
+            assert values.shape == (group.num_units,) and torch.isfinite(values).all(), (name, group.kind)
 
 
 def test_flap_matches_naive_reference():

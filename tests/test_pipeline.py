@@ -121,3 +121,48 @@ def test_run_cli_refuses_a_bad_config_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["run", "x", "--ratio", "2", "--output", str(tmp_path / "out")])
     assert result.exit_code == 2 and "outside (0, 1)" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_run_reaches_every_search_option_and_every_run_config_field():
+    """CLI parity for `run`: every option of `adapruner search` is a `run` flag, and every RunConfig field
+    a flag too, except the three mappings of other configs' fields that only YAML can hold."""
+    import inspect
+    from dataclasses import fields
+
+    from adapruner import cli
+    from adapruner.cli.search import run_pipeline
+    from adapruner.pipeline import RunConfig
+
+    search_flags = set(inspect.signature(cli.search).parameters)
+    run_flags = set(inspect.signature(run_pipeline).parameters)
+    assert search_flags - run_flags == set()
+    renamed = {"export_quant": "quant"}
+    config = {renamed.get(f.name, f.name) for f in fields(RunConfig)}
+    assert config - run_flags == {"search_space", "finetune", "baseline_finetune"}  # YAML: dicts of other configs
+    flags_for_those = {"space", "sources", "metrics", "no_finetune", "max_steps", "finetune_tokens"}
+    assert run_flags - config == {"output", "config"} | flags_for_those
+
+
+def test_run_flags_reach_the_search(tiny_model_dir, tmp_path):
+    """`run --layers --head-mode --storage --study --sources --pool-seq-len` are what the search ran with."""
+    import optuna
+    from typer.testing import CliRunner
+
+    from adapruner.cli import app
+
+    root = tiny_model_dir
+    corpus = str(root / "corpus.txt")
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    args = ["run", str(root / "tiny"), "--output", str(root / "run"), "--ratio", "0.2", "--trials", "1"]
+    args += ["--layers", "1:3", "--head-mode", "kv-group", "--storage", storage, "--study", "tiny-run"]
+    args += ["--sources", corpus, "--metrics", "element1,l2", "--pool-per-source", "10", "--pool-seq-len", "80"]
+    args += ["--objective-data", corpus, "--objective-tokens", "512", "--no-baseline", "--no-finetune"]
+    args += ["--ppl", corpus, "--seq-len", "16", "--eval-tokens", "256", "--tasks", ""]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    best = json.loads((root / "run" / "search" / "best.json").read_text())
+    assert best["head_mode"] == "kv-group" and best["layers"] == "1:3" and best["pool"]["seq_len"] == 80
+    assert best["pool"]["per_source"] == 10 and best["space"]["sources"] == [corpus]
+    assert best["space"]["metrics"] == ["element1", "l2"]
+    study = optuna.load_study(study_name="tiny-run", storage=storage)
+    assert len(study.trials) == 1 and study.trials[0].user_attrs["recipe"]["head_mode"] == "kv-group"

@@ -496,3 +496,14 @@ def test_a_stored_recipe_with_unknown_fields_is_refused_in_one_line(tmp_path):
     (tmp_path / "best.json").write_text(json.dumps(best | {"recipe": ["not", "a", "mapping"]}))
     with pytest.raises(AdaPrunerError, match="is corrupted"):
         options_from_run(tmp_path)
+
+
+def test_a_space_without_llm_pruners_metric_is_refused_in_one_line():
+    """Trial 0 is LLM-Pruner's recipe: a space whose metrics or aggregations leave it out cannot run it."""
+    from adapruner import AdaPrunerError
+
+    with pytest.raises(AdaPrunerError, match=r"metrics \['l2'\] must include element1, LLM-Pruner's choice"):
+        SearchSpace(metrics=["l2"]).validate()
+    with pytest.raises(AdaPrunerError, match=r"aggregations \['max'\] must include sum"):
+        SearchSpace(aggregations=["max"]).validate()
+    SearchSpace(space="data", metrics=["l2"]).validate()  # the data subspace fixes the metric to the recipe's

@@ -44,10 +44,15 @@ class RunConfig:
     search_space: dict[str, Any] = field(default_factory=dict)  # SearchSpace fields
     uniform: bool = False  # every layer pruned alike: stock-architecture outputs (search and baseline)
     pool_per_source: int = DEFAULT_POOL_PER_SOURCE
+    pool_seq_len: int | None = None  # tokens per pool sample; None: the longest searched length
     objective_data: str = ALL_OFFLINE  # validation text of the objective (sources or files)
     objective_tokens: int = 1024  # per objective source
     objective: str = "ppl"  # ppl | kl (KL divergence from the dense model)
     pruner: str = "percentile"
+    layers: str | None = None  # the search's layer range START:END; None: searched (or LLM-Pruner's)
+    head_mode: str = "auto"
+    storage: str | None = None  # the search's Optuna storage URL; None: sqlite in the run directory
+    study: str = "adapruner"  # the study's name inside the storage
     baseline: bool = True  # also prune/recover/evaluate LLM-Pruner's recipe
     baseline_calibration: str = "books"  # LLM-Pruner's calibration text
     finetune_data: str | None = ALL_OFFLINE  # recovery text; None: no recovery stage
@@ -102,9 +107,14 @@ class RunConfig:
 
 
 def load_run_config(path: str | Path | None, **overrides: Any) -> RunConfig:
-    """A RunConfig from a YAML file (keys = RunConfig fields); ``overrides`` that are not None win."""
+    """A RunConfig from a YAML file (keys = RunConfig fields); ``overrides`` that are not None win (a
+    mapping, such as ``search_space``, key by key)."""
     data = read_options_file(path, RunConfig, "run config") if path is not None else {}
-    data |= {k: v for k, v in overrides.items() if v is not None}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            data[key] = dict(data.get(key) or {}) | value
+        elif value is not None:
+            data[key] = value
     for key in ("model", "ratio"):
         if key not in data:
             raise AdaPrunerError(f"the run needs a {key}: give it on the command line or in the config file")
@@ -160,6 +170,11 @@ def run(cfg: RunConfig, output: str | Path) -> dict[str, Any]:
             sampler=cfg.sampler,
             seed=cfg.seed,
             pool_per_source=cfg.pool_per_source,
+            pool_seq_len=cfg.pool_seq_len,
+            layers=cfg.layers,
+            head_mode=cfg.head_mode,
+            storage=cfg.storage,
+            study_name=cfg.study,
             objective_data=cfg.objective_data,
             objective_tokens=cfg.objective_tokens,
             objective=cfg.objective,

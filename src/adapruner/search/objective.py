@@ -26,6 +26,7 @@ from ..local.supernet import min_keep
 from ..models import get_adapter
 from ..models.groups import attention_group, mlp_group
 from ..pruning import Budget, masked
+from ..pruning.plan import count_params, default_layer_range, solve_keep_counts
 from ..recipe import FRESH_SEED, PlanInputs, Planned, PruneConfig, parse_windows, plan_recipe
 from .evolution import PER_LAYER, AllocationBudget, Counts, LayerLimits
 from .space import (
@@ -264,8 +265,6 @@ def interleaved(sources: list[torch.Tensor]) -> torch.Tensor:
 
 def allocation_budget(model, ratio: float, space: SearchSpace, head_mode: str) -> AllocationBudget:
     """Per-layer limits of the supernet's candidates and the parameters ``ratio`` must remove."""
-    from ..pruning.plan import count_params
-
     adapter = get_adapter(model)
     limits = {}
     for i in range(adapter.num_layers):
@@ -295,8 +294,6 @@ def kept_counts(kept: list[list[int]], dense: list[tuple[int, int]], adapter) ->
 def allocation_starts(objective: Objective, ratio: float, head_mode: str):
     """The proposer's start allocations: the best profile trial's counts, then a uniform rate over
     LLM-Pruner's layer range (``--method local-obs``'s allocation)."""
-    from ..pruning.plan import count_params, default_layer_range, solve_keep_counts
-
     adapter = objective.adapter
     uniform = solve_keep_counts(
         adapter,

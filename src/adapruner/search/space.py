@@ -16,8 +16,12 @@ from typing import Any
 
 import optuna
 
+from ..data.calibration import split_sources
 from ..errors import AdaPrunerError
+from ..importance import AGGREGATIONS, METRICS, get_metric
 from ..methods import FLAP_CALIBRATION, LLM_PRUNER_RECIPE, get_method
+from ..pruning.plan import MAX_DEPTH_PARAM, RANKINGS
+from ..recipe import parse_windows
 from ..util import read_options_file
 
 SPACES = ("joint", "data", "metric")
@@ -115,8 +119,6 @@ class SearchSpace:
         self.depth_slope, self.depth_bend = (0.0, 0.0), (0.0, 0.0)
 
     def _check(self) -> None:
-        from ..importance import AGGREGATIONS, METRICS
-        from ..pruning.plan import MAX_DEPTH_PARAM
 
         if self.space not in SPACES:
             raise AdaPrunerError(f"unknown --space '{self.space}': choose one of {', '.join(SPACES)}")
@@ -139,7 +141,11 @@ class SearchSpace:
             )
         self._check_structure()
         baseline = baseline_config(self)
+        searched_metric = (
+            () if self.space == "data" else (("metrics", baseline.metric), ("aggregations", baseline.aggregation))
+        )
         for name, value in (
+            *searched_metric,
             ("num_samples", baseline.num_samples),
             ("seq_lens", baseline.seq_len),
             ("rankings", baseline.ranking),
@@ -155,7 +161,6 @@ class SearchSpace:
             raise AdaPrunerError("seq_lens must be >= 2, num_samples >= 1 and subset_seeds >= 1")
 
     def _check_structure(self) -> None:
-        from ..pruning.plan import RANKINGS
 
         unknown = sorted(set(self.rankings) - set(RANKINGS))
         if unknown:
@@ -168,7 +173,6 @@ class SearchSpace:
                 f"the search space's layer_ranges {self.layer_ranges} must list 'default' and ranges "
                 "'START:END' (END may be empty: to the last layer; quote them in YAML: '0:')"
             )
-        from ..recipe import parse_windows
 
         for windows in [*self.fresh_activations, self.refit_calibration]:
             parse_windows(windows)
@@ -326,7 +330,6 @@ def suggest(trial: optuna.Trial, space: SearchSpace, dense: list[tuple[int, int]
         data = space.supernet_data[0]
         if len(space.supernet_data) > 1:
             data = trial.suggest_categorical("supernet_data", list(space.supernet_data))
-        from ..data.calibration import split_sources
 
         if dense is None:
             raise AdaPrunerError("a per-layer trial needs the model's dense counts")
@@ -344,7 +347,6 @@ def suggest(trial: optuna.Trial, space: SearchSpace, dense: list[tuple[int, int]
 
 def _reads(config: dict[str, Any]) -> tuple[bool, bool]:
     """(gradients, activations): the statistics a configuration's metrics (and compensation) read."""
-    from ..importance import get_metric
 
     needs = frozenset().union(
         *(get_metric(m, mix=config["mix"]).needs for m in {config["metric"], config["attention_metric"]} if m)
@@ -355,7 +357,6 @@ def _reads(config: dict[str, Any]) -> tuple[bool, bool]:
 
 def _uses_aggregation(metric: str) -> bool:
     """Whether ``aggregation`` changes this metric's scores (not for FLAP's, which read one member)."""
-    from ..importance import METRICS
 
     return METRICS[metric].uses_aggregation
 

@@ -1,0 +1,197 @@
+"""``prune``, ``importance`` and ``pool``: pruning and scoring from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .app import app, out, user_errors
+from .options import (
+    ActivationCalibration,
+    Aggregation,
+    Align,
+    AttentionMetric,
+    AttentionScale,
+    BatchSize,
+    Calibration,
+    Checkpointing,
+    Compensate,
+    DepthBend,
+    DepthSlope,
+    DeviceMap,
+    Dtype,
+    ExportFormat,
+    GlobalRanking,
+    HeadMode,
+    Layers,
+    Metric,
+    Mix,
+    ModelArg,
+    NumSamples,
+    ObsRounds,
+    Offload,
+    Quant,
+    Ranking,
+    Ratio,
+    Refit,
+    RefitBias,
+    RefitCalibration,
+    RefitDamping,
+    RefitDevice,
+    Seed,
+    SeqLen,
+    Uniform,
+    check_export,
+    config_options,
+    export_into,
+    given_options,
+)
+
+
+@app.command()
+@user_errors
+def prune(
+    ctx: typer.Context,
+    model: ModelArg,
+    output: Annotated[Path, typer.Option(help="Directory for the pruned model.")],
+    ratio: Annotated[float | None, typer.Option(help="Fraction of the whole model's parameters to remove.")] = None,
+    from_run: Annotated[
+        Path | None, typer.Option(help="Use the best configuration of `adapruner search` in this run directory.")
+    ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="A baseline preset: random, l2, llm-pruner-element1, llm-pruner-element2, llm-pruner-vector, "
+            "wanda-sp, flap, flap-refit or local-obs. It sets metric, aggregation, calibration, layers, ranking and "
+            "refit; options given explicitly still override it."
+        ),
+    ] = None,
+    metric: Metric = "element1",
+    mix: Mix = None,
+    aggregation: Aggregation = "sum",
+    calibration: Calibration = "books",
+    num_samples: NumSamples = 10,
+    seq_len: SeqLen = 64,
+    layers: Layers = None,
+    head_mode: HeadMode = "auto",
+    attention_scale: AttentionScale = 1.0,
+    align: Align = 1,
+    global_ranking: GlobalRanking = False,
+    attention_metric: AttentionMetric = None,
+    depth_slope: DepthSlope = 0.0,
+    depth_bend: DepthBend = 0.0,
+    ranking: Ranking = "layer",
+    activation_calibration: ActivationCalibration = None,
+    compensate: Compensate = False,
+    refit: Refit = "none",
+    refit_calibration: RefitCalibration = None,
+    refit_damping: RefitDamping = 1e-3,
+    refit_bias: RefitBias = True,
+    obs_rounds: ObsRounds = 16,
+    refit_device: RefitDevice = None,
+    uniform: Uniform = False,
+    seed: Seed = 0,
+    dtype: Dtype = "float32",
+    device_map: DeviceMap = None,
+    offload: Offload = False,
+    batch_size: BatchSize = None,
+    gradient_checkpointing: Checkpointing = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    export: ExportFormat = None,
+    quant: Quant = "f16",
+) -> None:
+    """Prune MODEL by RATIO of its parameters and save a loadable HF directory (and a GGUF with --export gguf)."""
+    from .. import api
+
+    check_export(export, quant)
+    options = config_options(locals())
+    if method is not None:
+        options = given_options(ctx, options) | {"method": method}
+    result = api.prune(
+        model, ratio, output=output, overwrite=overwrite, device_map=device_map, from_run=from_run, **options
+    )
+    rec = result.record
+    table = Table(title=f"pruned {model} -> {output}")
+    for col in ("dense params", "pruned params", "target ratio", "achieved ratio", "time (s)"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        f"{rec['params']['dense']:,}",
+        f"{rec['params']['pruned']:,}",
+        f"{rec['target_ratio']:.3f}",
+        f"{rec['achieved_ratio']:.3f}",
+        f"{sum(result.timings.values()):.1f}",
+    )
+    out.print(table)
+    export_into(output, export, quant)
+
+
+@app.command()
+@user_errors
+def importance(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option(help="JSON file for the per-group scores and the resulting plan.")],
+    ratio: Ratio = 0.2,
+    metric: Metric = "element1",
+    mix: Mix = None,
+    aggregation: Aggregation = "sum",
+    calibration: Calibration = "books",
+    num_samples: NumSamples = 10,
+    seq_len: SeqLen = 64,
+    layers: Layers = None,
+    head_mode: HeadMode = "auto",
+    attention_scale: AttentionScale = 1.0,
+    align: Align = 1,
+    global_ranking: GlobalRanking = False,
+    attention_metric: AttentionMetric = None,
+    depth_slope: DepthSlope = 0.0,
+    depth_bend: DepthBend = 0.0,
+    ranking: Ranking = "layer",
+    activation_calibration: ActivationCalibration = None,
+    seed: Seed = 0,
+    dtype: Dtype = "float32",
+    device_map: DeviceMap = None,
+    offload: Offload = False,
+    batch_size: BatchSize = None,
+    gradient_checkpointing: Checkpointing = True,
+) -> None:
+    """Score every prunable group of MODEL and save the scores (and the plan RATIO would give) as JSON."""
+    from .. import api
+
+    options = config_options(locals())
+    report = api.score_importance(model, ratio, output=output, device_map=device_map, **options)
+    out.print(f"scores of {len(report['scores'])} groups written to {output}")
+
+
+@app.command()
+@user_errors
+def pool(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option(help="CSV file: one row per sample with its statistics.")],
+    calibration: Calibration = "books,wiki,news,squad",
+    per_source: Annotated[int, typer.Option(help="Samples drawn from each source.")] = 16,
+    seq_len: SeqLen = 128,
+    layers: Layers = None,
+    seed: Seed = 0,
+    dtype: Dtype = "float32",
+) -> None:
+    """Build a calibration pool and its per-sample statistics (dense loss, gradient norm), cached on disk."""
+    from .. import api
+
+    built = api.build_calibration_pool(
+        model, calibration, per_source=per_source, seq_len=seq_len, seed=seed, layers=layers, output=output, dtype=dtype
+    )
+    table = Table(title=f"pool {built.fingerprint}: {len(built)} samples x {built.seq_len} tokens")
+    for col in ("source", "samples", "mean loss", "mean grad norm"):
+        table.add_column(col, justify="right")
+    for source in built.source_names():
+        idx = [i for i, s in enumerate(built.sources) if s == source]
+        table.add_row(
+            source,
+            str(len(idx)),
+            f"{built.stats['loss'][idx].mean():.3f}",
+            f"{built.stats['grad_norm'][idx].mean():.3f}",
+        )
+    out.print(table)
