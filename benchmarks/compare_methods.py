@@ -72,8 +72,6 @@ import os
 import sys
 import tempfile
 import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +83,9 @@ from adapruner.errors import AdaPrunerError
 from adapruner.files import write_json_atomic, write_text_atomic
 from adapruner.methods import METHODS
 from adapruner.pipeline import SEVEN_TASKS
+from adapruner.stages import Stages, StageTimes
+
+TIMES = "times.json"  # each result directory's wall seconds per unit (adapruner.stages.StageTimes)
 
 ADAPRUNER = "adapruner"
 DEFAULT_GRID = {"smollm2-135m": [0.2, 0.5], "qwen2.5-0.5b": [0.2]}
@@ -268,69 +269,8 @@ def method_label(method: str, args) -> str:
 # --- units of work ----------------------------------------------------------------------------------
 
 
-class Times:
-    """Wall seconds of the units of one directory (``times.json``), written after each unit."""
-
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / "times.json"
-        try:
-            self.data: dict[str, Any] = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self.data = {}
-
-    def get(self, key: str) -> float | None:
-        value = self.data.get(key)
-        return float(value) if isinstance(value, int | float) else None
-
-    def set(self, key: str, seconds: float) -> None:
-        self.data[key] = round(seconds, 1)
-        write_json_atomic(self.path, self.data)
-
-
-class Runner:
-    """Runs each unit unless its output exists; keeps going after a failure and lists the failures."""
-
-    def __init__(self, dry_run: bool) -> None:
-        self.dry_run = dry_run
-        self.failures: list[str] = []
-        self.pending: list[str] = []
-        self.ran = 0
-
-    def unit(self, name: str, done: bool, action: Callable[[], float | None], needs: list[Path] = ()) -> bool:
-        """True when the unit's output exists (now or already)."""
-        if done:
-            return True
-        if self.dry_run:
-            self.pending.append(name)
-            return False
-        missing = [str(p) for p in needs if not p.exists()]
-        if missing:
-            self.failures.append(f"{name}: skipped, its input {', '.join(missing)} is missing")
-            return False
-        print(f"[compare_methods] {name} ...", file=sys.stderr, flush=True)
-        try:
-            action()
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # one failed unit must not end a multi-hour run
-            traceback.print_exc()
-            self.failures.append(f"{name}: {type(exc).__name__}: {exc}")
-            return False
-        self.ran += 1
-        return True
-
-
-def timed(times: Times, key: str, action: Callable[[], Any]) -> Callable[[], None]:
-    def run() -> None:
-        start = time.perf_counter()
-        action()
-        times.set(key, time.perf_counter() - start)
-
-    return run
-
-
 def evaluate_unit(
-    runner: Runner, args, name: str, model: str | Path, output: Path, times: Times, needs: list[Path] = ()
+    runner: Stages, args, name: str, model: str | Path, output: Path, times: StageTimes, needs: list[Path] = ()
 ) -> None:
     def action() -> None:
         api.evaluate(
@@ -344,7 +284,7 @@ def evaluate_unit(
             output=output,
         )
 
-    runner.unit(f"evaluate {name}", output.is_file(), timed(times, output.name, action), needs)
+    runner.run(f"evaluate {name}", output.is_file(), action, needs, times=times, key=output.name)
 
 
 def search_done(search_dir: Path, trials: int) -> bool:
@@ -370,7 +310,7 @@ def search_seconds(search_dir: Path, trials: int) -> float | None:
     return round(sum(seconds), 1) if seconds else None
 
 
-def run_search(runner: Runner, args, model: str, ratio: float, search_dir: Path) -> None:
+def run_search(runner: Stages, args, model: str, ratio: float, search_dir: Path) -> None:
     from adapruner.search.space import SearchSpace
     from adapruner.search.study import search
 
@@ -394,30 +334,47 @@ def run_search(runner: Runner, args, model: str, ratio: float, search_dir: Path)
             runs = []
         write_json_atomic(path, [*runs, {"trials": args.trials, "seconds": round(time.perf_counter() - start, 1)}])
 
-    runner.unit(f"search {model} r{ratio} ({args.trials} trials)", search_done(search_dir, args.trials), action)
+    runner.run(f"search {model} r{ratio} ({args.trials} trials)", search_done(search_dir, args.trials), action)
 
 
-def run_method(runner: Runner, args, model: str, ratio: float, method: str) -> None:
+def run_method(runner: Stages, args, model: str, ratio: float, method: str) -> None:
     ratio_dir = args.run_root / model / f"r{ratio}"
     directory = ratio_dir / variant(method, args)
-    times = Times(directory)
+    times = StageTimes(directory / TIMES)
     pruned = directory / "model"
     where = f"{model} r{ratio} {variant(method, args)}"
     if method == ADAPRUNER:
         search_dir = ratio_dir / f"{search_name(args)}-search"
         run_search(runner, args, model, ratio, search_dir)
-        prune = timed(times, "prune", lambda: api.prune(model, from_run=search_dir, output=pruned))
-        runner.unit(f"prune {where}", pruned.is_dir(), prune, [search_dir / "best.json"])
+        runner.run(
+            f"prune {where}",
+            pruned.is_dir(),
+            lambda: api.prune(model, from_run=search_dir, output=pruned),
+            [search_dir / "best.json"],
+            times=times,
+            key="prune",
+        )
     else:
-        prune = timed(times, "prune", lambda: api.prune(model, ratio, method=method, output=pruned))
-        runner.unit(f"prune {where}", pruned.is_dir(), prune)
+        runner.run(
+            f"prune {where}",
+            pruned.is_dir(),
+            lambda: api.prune(model, ratio, method=method, output=pruned),
+            times=times,
+            key="prune",
+        )
     tag = eval_tag(args)
     evaluate_unit(runner, args, where, pruned, directory / f"{tag}.json", times, [pruned])
     if args.no_finetune:
         return
     lora = directory / lora_name(args)
-    tune = timed(times, lora.name, lambda: api.finetune(pruned, args.finetune_data, lora, **finetune_options(args)))
-    runner.unit(f"finetune {where} ({lora.name})", lora.is_dir(), tune, [pruned])
+    runner.run(
+        f"finetune {where} ({lora.name})",
+        lora.is_dir(),
+        lambda: api.finetune(pruned, args.finetune_data, lora, **finetune_options(args)),
+        [pruned],
+        times=times,
+        key=lora.name,
+    )
     evaluate_unit(runner, args, f"{where} {lora.name}", lora, directory / f"{lora.name}.{tag}.json", times, [lora])
 
 
@@ -427,14 +384,16 @@ def ensure_model(model: str) -> None:
         fetch([model])
 
 
-def run_all(args) -> Runner:
-    runner = Runner(args.dry_run)
+def run_all(args) -> Stages:
+    runner = Stages(keep_going=True, dry_run=args.dry_run)
     for model in args.models:
         if not args.dry_run:
             ensure_model(model)
         settings = for_model(args, model)
         dense = args.run_root / model / "dense"
-        evaluate_unit(runner, settings, f"{model} dense", model, dense / f"{eval_tag(settings)}.json", Times(dense))
+        evaluate_unit(
+            runner, settings, f"{model} dense", model, dense / f"{eval_tag(settings)}.json", StageTimes(dense / TIMES)
+        )
         for grid_model, ratio in args.grid:
             if grid_model != model:
                 continue
@@ -483,11 +442,11 @@ def retention_methods(args, model: str, ratio: float) -> list[str]:
     return methods + ([baseline] if baseline else [])
 
 
-def run_retention(runner: Runner, args, model: str, ratio: float) -> None:
+def run_retention(runner: Stages, args, model: str, ratio: float) -> None:
     """Zero-shot only, on more documents: dense, AdaPruner and the strongest baseline (all recovered)."""
     tag = retention_tag(args)
 
-    def unit(name: str, target: str | Path, output: Path, times: Times, needs: list[Path]) -> None:
+    def unit(name: str, target: str | Path, output: Path, times: StageTimes, needs: list[Path]) -> None:
         def action() -> None:
             api.evaluate(
                 str(target),
@@ -498,10 +457,10 @@ def run_retention(runner: Runner, args, model: str, ratio: float) -> None:
                 output=output,
             )
 
-        runner.unit(f"retention check {name}", output.is_file(), timed(times, output.name, action), needs)
+        runner.run(f"retention check {name}", output.is_file(), action, needs, times=times, key=output.name)
 
     dense = args.run_root / model / "dense"
-    unit(f"{model} dense", model, dense / f"{tag}.json", Times(dense), [])
+    unit(f"{model} dense", model, dense / f"{tag}.json", StageTimes(dense / TIMES), [])
     for method in retention_methods(args, model, ratio):
         directory = args.run_root / model / f"r{ratio}" / variant(method, args)
         target, prefix = recovered(args, directory)
@@ -509,7 +468,7 @@ def run_retention(runner: Runner, args, model: str, ratio: float) -> None:
             f"{model} r{ratio} {variant(method, args)}",
             target,
             directory / f"{prefix}.{tag}.json",
-            Times(directory),
+            StageTimes(directory / TIMES),
             [target],
         )
 
@@ -594,12 +553,12 @@ def model_rows(args, model: str, ratio: float) -> list[dict[str, Any]]:
     if dense is not None:
         dense_row = {"model": model, "ratio": 0.0, "method": "dense", "recovery": "none", "table_ratio": ratio}
         dense_row |= row_from_eval(dense, args.tasks)
-        dense_row |= {"achieved_ratio": 0.0, "eval_s": Times(dense_path.parent).get(dense_path.name)}
+        dense_row |= {"achieved_ratio": 0.0, "eval_s": StageTimes(dense_path.parent / TIMES).get(dense_path.name)}
         dense_row["retention"] = 100.0 if dense_row["average"] else None
         rows.append(dense_row)
     for method in args.methods:
         directory = args.run_root / model / f"r{ratio}" / variant(method, args)
-        times = Times(directory)
+        times = StageTimes(directory / TIMES)
         record = read_json(directory / "model" / "adapruner.json") or {}
         search_s = None
         if method == ADAPRUNER:
@@ -869,7 +828,7 @@ def report(args) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    runner = Runner(args.dry_run)
+    runner = Stages(keep_going=True, dry_run=args.dry_run)
     if not args.report_only:
         runner = run_all(args)
     if args.dry_run:

@@ -45,8 +45,8 @@ from typing import Any
 from adapruner import api
 from adapruner.data.sources import ALL_OFFLINE, OFFLINE_SOURCES
 from adapruner.files import write_csv_atomic, write_json_atomic, write_text_atomic
-from adapruner.pipeline import Stages
 from adapruner.search.study import search
+from adapruner.stages import Stages
 
 SOURCES, DATA = OFFLINE_SOURCES, ALL_OFFLINE
 MODES: dict[str, dict[str, Any]] = {
@@ -149,7 +149,7 @@ def build_student(stages: Stages, args, model: str, ratio: float, directory: Pat
 def run_model_ratio(args, model: str, ratio: float) -> None:
     root = args.run_root / model
     directory = root / f"r{ratio}"
-    stages = Stages(directory)
+    stages = Stages.in_dir(directory)
     stages.run(
         f"evaluate dense {model}", root / "dense.eval.json", lambda: evaluate(model, root / "dense.eval.json", args)
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from .export import default_gguf_name
 from .files import write_json_atomic, write_text_atomic
 from .methods import LLM_PRUNER_RECIPE
 from .pruning.io import read_record
+from .stages import Stages
 from .util import log, read_options_file
 
 SEVEN_TASKS = tuple(TASKS)  # boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa
@@ -123,30 +123,6 @@ def load_run_config(path: str | Path | None, **overrides: Any) -> RunConfig:
     return cfg
 
 
-class Stages:
-    """Which stages are finished (their output exists) and how long each took (``stages.json``)."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.path = run_dir / "stages.json"
-        self.times: dict[str, float] = {}
-        if self.path.is_file():
-            try:
-                self.times = json.loads(self.path.read_text())
-            except ValueError:
-                self.times = {}  # only timings are lost; outputs decide what is done
-
-    def run(self, name: str, output: Path, action) -> None:
-        if output.exists():
-            log(f"stage {name}: done already ({output})")
-            return
-        log(f"stage {name} ...")
-        start = time.perf_counter()
-        action()
-        self.times[name] = round(time.perf_counter() - start, 1)
-        write_json_atomic(self.path, self.times)
-
-
 def run(cfg: RunConfig, output: str | Path) -> dict[str, Any]:
     """The whole AdaPruner pipeline into ``output``; returns the paths of the evaluation files."""
     from . import api
@@ -156,7 +132,7 @@ def run(cfg: RunConfig, output: str | Path) -> dict[str, Any]:
     run_dir = Path(output)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
-    stages = Stages(run_dir)
+    stages = Stages.in_dir(run_dir)
     search_dir = run_dir / "search"
     models = {"dense": cfg.model}
 
@@ -226,7 +202,7 @@ def run(cfg: RunConfig, output: str | Path) -> dict[str, Any]:
         path = run_dir / "eval" / f"{_slug(label)}.json"
         stages.run(f"evaluate {label}", path, lambda loc=location, p=path, lb=label: _evaluate(cfg, loc, p, lb))
         evaluations[label] = str(path)
-    write_report(run_dir, cfg, evaluations, stages.times, models)
+    write_report(run_dir, cfg, evaluations, stages.times.data, models)
     return evaluations
 
 
