@@ -103,15 +103,14 @@ class PlanInputs:
 
     def refit_windows(self, cfg: PruneConfig) -> torch.Tensor:
         """The layer-by-layer engine's windows: ``refit_calibration`` of ``calibration``."""
-        key = (cfg.calibration, cfg.refit_calibration, cfg.fresh_seed)
+        key = _windows_key(cfg)
         if key not in self._windows:
             self._windows[key] = refit_windows(self.tokenizer, cfg)
         return self._windows[key]
 
     def supernet(self, cfg: PruneConfig) -> Supernet:
         """Every layer's candidates on the refit windows (also cached on disk by ``build_supernet``)."""
-        windows_key = (cfg.calibration, cfg.refit_calibration, cfg.fresh_seed)
-        key = (*windows_key, cfg.refit_damping, cfg.max_removal, cfg.head_mode)
+        key = (*_windows_key(cfg), cfg.refit_damping, cfg.max_removal, cfg.head_mode)
         self.supernet_seconds = 0.0
         if key not in self._supernets:
             clock = time.perf_counter()
@@ -121,6 +120,11 @@ class PlanInputs:
             self._supernets[key] = build_supernet(self.model, windows, layers, settings, cfg.head_mode)
             self.supernet_seconds = time.perf_counter() - clock
         return self._supernets[key]
+
+
+def _windows_key(cfg: PruneConfig) -> tuple:
+    """What decides a recipe's refit windows (and so a supernet built on them)."""
+    return cfg.calibration, cfg.refit_calibration, cfg.fresh_seed
 
 
 def plan_recipe(model: torch.nn.Module, cfg: PruneConfig, inputs: PlanInputs, *, restore: bool = False) -> Planned:
@@ -140,9 +144,7 @@ def plan_recipe(model: torch.nn.Module, cfg: PruneConfig, inputs: PlanInputs, *,
             model, inputs.refit_windows(cfg), cfg.local_settings(), keep=keep, head_mode=cfg.head_mode, restore=restore
         )
         return _with_local(Planned(local.plan, layers, dense_params), local, restore)
-    metric = cfg.build_metric()
-    stats, subset = statistics(cfg, metric, inputs, adapter.projection_names(list(range(*layers))))
-    scores = score_groups(model, inputs.groups(adapter, layers, cfg.head_mode), metric, stats, cfg.aggregation)
+    scores, stats, subset = recipe_scores(model, cfg, inputs, layers)
     plan = plan_for_scores(model, scores, budget, cfg)
     means = input_means(adapter, layers, stats) if cfg.refit_mode == "bias" else None
     planned = Planned(plan, layers, dense_params, input_means=means, subset=subset)
@@ -152,6 +154,18 @@ def plan_recipe(model: torch.nn.Module, cfg: PruneConfig, inputs: PlanInputs, *,
         model, inputs.refit_windows(cfg), cfg.local_settings(), plan=plan, head_mode=cfg.head_mode, restore=restore
     )
     return _with_local(planned, local, restore)
+
+
+def recipe_scores(
+    model: torch.nn.Module, cfg: PruneConfig, inputs: PlanInputs, layers: tuple[int, int]
+) -> tuple[Scores, Statistics, list[int] | None]:
+    """The recipe's metric over every group of ``layers``, with the statistics it read and which pool
+    samples they were (``adapruner importance`` stops here; a plan cuts these scores under the budget)."""
+    adapter = get_adapter(model)
+    metric = cfg.build_metric()
+    stats, subset = statistics(cfg, metric, inputs, adapter.projection_names(list(range(*layers))))
+    scores = score_groups(model, inputs.groups(adapter, layers, cfg.head_mode), metric, stats, cfg.aggregation)
+    return scores, stats, subset
 
 
 def statistics(

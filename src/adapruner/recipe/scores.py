@@ -9,7 +9,6 @@ from typing import Any
 
 from ..data.pool import CalibrationPool, build_pool
 from ..files import write_csv_atomic, write_json_atomic
-from ..importance import score_groups
 from ..importance.cache import StatisticsCache
 from ..models.base import get_adapter
 from ..models.loading import load_causal_lm, load_model, load_tokenizer
@@ -17,7 +16,7 @@ from ..pruning.plan import parse_layer_range
 from ..util import versions
 from .calibration import check_calibration
 from .config import PruneConfig
-from .plan import PlanInputs, plan_for_scores, statistics
+from .plan import PlanInputs, plan_for_scores, recipe_scores
 
 
 def score_importance(
@@ -33,12 +32,8 @@ def score_importance(
     tokenizer = load_tokenizer(model)
     check_calibration(tokenizer, cfg, refit=False)
     hf_model = load_causal_lm(model, cfg.dtype, device_map)
-    adapter = get_adapter(hf_model)
-    layers = parse_layer_range(cfg.layers, adapter.num_layers)
-    inputs = PlanInputs(hf_model, tokenizer)
-    metric = cfg.build_metric()
-    stats, _ = statistics(cfg, metric, inputs, adapter.projection_names(list(range(*layers))))
-    scores = score_groups(hf_model, inputs.groups(adapter, layers, cfg.head_mode), metric, stats, cfg.aggregation)
+    layers = parse_layer_range(cfg.layers, get_adapter(hf_model).num_layers)
+    scores, _, _ = recipe_scores(hf_model, cfg, PlanInputs(hf_model, tokenizer), layers)
     plan = plan_for_scores(hf_model, scores, cfg.budget(layers), cfg)
     report = {
         "model": model,

@@ -15,6 +15,7 @@ from typing import Any
 import optuna
 import torch
 
+from ..data.calibration import split_sources
 from ..errors import AdaPrunerError
 from ..evaluation.divergence import dense_reference, windowed_kl
 from ..evaluation.perplexity import windowed_nll, windows_of
@@ -238,7 +239,7 @@ class SearchInputs(PlanInputs):
 
     def sample_statistics(self, cfg: PruneConfig, metric: Importance, needs: frozenset[str], modules: list[str]):
         cache = self.objective.cache_for(cfg.seq_len)
-        sources = cfg.calibration.split(",")
+        sources = split_sources(cfg.calibration)
         subset = cache.pool.select(cfg.num_samples, sources=sources, window=self.window, seed=cfg.seed)
         return cache.statistics_for(subset, metric), subset
 
@@ -248,7 +249,7 @@ class SearchInputs(PlanInputs):
             if self.tokenizer is None:
                 raise AdaPrunerError("fresh activation windows need the tokenizer: pass it to the Objective")
             count, length = parse_windows(cfg.activation_calibration)
-            sources = cfg.calibration.split(",")
+            sources = split_sources(cfg.calibration)
             self._fresh[key] = self.fresh_windows.statistics(sources, count, length, cfg.fresh_seed)
         return self._fresh[key]
 
