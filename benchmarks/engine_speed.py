@@ -56,16 +56,19 @@ def build_models(args) -> dict[str, Path]:
                     out.print(f"{label}: {exc}; pruning every layer instead")
                     options = options | {"layers": "0:"}
                     adapruner.prune(args.model, ratio, method="local-obs", output=target, overwrite=True, **options)
-            if (
-                variant != "uniform"
-                and json.loads((target / "adapruner.json").read_text())["config"].get("layers") == "0:"
-            ):
+            if variant != "uniform" and _recipe(target).get("layers") == "0:":
                 label += " (all layers)"
             models[label] = target
     for entry in filter(None, args.models.split(",")):
         label, _, location = entry.partition("=")
         models[label] = Path(location)
     return models
+
+
+def _recipe(directory: Path) -> dict:
+    """The recipe a pruned directory records (``config`` in directories written before 2026-12-07)."""
+    record = json.loads((directory / "adapruner.json").read_text())
+    return record.get("recipe") or record["config"]
 
 
 def cached(path: Path, compute) -> dict[str, float]:

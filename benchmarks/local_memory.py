@@ -71,7 +71,7 @@ def child_smollm2() -> dict:
     from adapruner.recipe import PlanInputs, PruneConfig, plan_recipe, refit_windows
 
     model, tokenizer = load_model("smollm2-135m")
-    refit = PruneConfig.from_method("smollm2-135m", 0.2, method="flap-refit")
+    refit = PruneConfig.from_method("smollm2-135m", 0.2, method="flap-refit").recipe
     selection = replace(refit, refit="none")  # its units, chosen but not yet refitted
     plan = plan_recipe(model, selection, PlanInputs(model, tokenizer)).plan
     windows = refit_windows(tokenizer, refit)

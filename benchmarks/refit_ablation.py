@@ -109,7 +109,7 @@ def main() -> None:
     tests = {s: token_stream(tokenizer, s, "test", args.test_tokens) for s in SOURCES}
     rows = []
     for ratio in map(float, args.ratios.split(",")):
-        cfg = PruneConfig.from_method(args.model, ratio, method="flap")
+        cfg = PruneConfig.from_method(args.model, ratio, method="flap").recipe
         planned = plan_recipe(model, cfg, PlanInputs(model, tokenizer))
         plan = planned.plan
         windows = refit_windows(tokenizer, cfg)  # FLAP's own 128 wiki windows of 128 tokens

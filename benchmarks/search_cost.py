@@ -23,7 +23,7 @@ from adapruner.data import OFFLINE_SOURCES, token_stream
 from adapruner.evaluation import perplexity
 from adapruner.models.loading import load_model
 from adapruner.paths import cache_dir
-from adapruner.recipe import PruneConfig
+from adapruner.recipe import Recipe
 from adapruner.search import search
 
 
@@ -39,7 +39,7 @@ def trial_kind(config: dict) -> str:
         return "least-squares refit, completed"
     if config.get("activation_calibration", "pool") != "pool":
         return "fresh activation windows, completed"
-    cfg = PruneConfig(
+    cfg = Recipe(
         model="", ratio=0.2, metric=config["metric"], attention_metric=config["attention_metric"], mix=config["mix"]
     )
     return "cache-served, completed" if cfg.build_metric().decomposable else "gradient pass, completed"

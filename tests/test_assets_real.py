@@ -77,7 +77,7 @@ def test_resolve_model_paths_and_hub_ids(empty_cache: Path) -> None:
 
 def test_staged_dir_leaves_nothing_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "model"
-    with pytest.raises(RuntimeError), assets._staged_dir(target) as staging:
+    with pytest.raises(RuntimeError), assets.staged_dir(target) as staging:
         (staging / "half.bin").write_bytes(b"x")
         raise RuntimeError("crash mid-conversion")
     assert list(tmp_path.iterdir()) == []
@@ -87,7 +87,7 @@ def test_staged_dir_replaces_old_target(tmp_path: Path) -> None:
     target = tmp_path / "model"
     target.mkdir()
     (target / "old.bin").write_bytes(b"old")
-    with assets._staged_dir(target) as staging:
+    with assets.staged_dir(target) as staging:
         (staging / "new.bin").write_bytes(b"new")
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
     assert [p.name for p in target.iterdir()] == ["new.bin"]
@@ -101,7 +101,7 @@ def test_publish_keeps_other_files_and_replaces_the_manifest(tmp_path: Path) -> 
     (target / "manifest.json").write_text("old")
     for name in ("manifest.json", "wiki.jsonl"):
         (staging / name).write_text("new")
-    assets._publish(staging, target, "manifest.json")
+    assets.publish(staging, target, "manifest.json")
     assert sorted(p.name for p in target.iterdir()) == ["manifest.json", "other-tool.json", "wiki.jsonl"]
     assert (target / "manifest.json").read_text() == "new" and not list(staging.iterdir())
 

@@ -37,7 +37,7 @@ def test_prune_info_evaluate_roundtrip(tiny_model_dir):
     result = run(*prune_args(root, "--output", root / "out"))
     assert result.exit_code == 0, result.output
     record = json.loads((root / "out" / "adapruner.json").read_text())
-    assert record["config"]["metric"] == "element1" and record["config"]["calibration"].endswith("corpus.txt")
+    assert record["recipe"]["metric"] == "element1" and record["recipe"]["calibration"].endswith("corpus.txt")
     assert record["layer_shapes"][0] == {"num_attention_heads": 6, "num_key_value_heads": 2, "intermediate_size": 40}
     assert record["params"]["pruned"] < record["params"]["dense"]
     assert abs(record["achieved_ratio"] - 0.15) < 0.03
@@ -168,7 +168,7 @@ def test_every_metric_prunes_from_the_cli(tiny_model_dir, extra):
     result = run(*prune_args(root, "--output", root / "out", *extra))
     assert result.exit_code == 0, result.output
     record = json.loads((root / "out" / "adapruner.json").read_text())
-    assert _typed_options_recorded(extra, record["config"])
+    assert _typed_options_recorded(extra, record["recipe"] | record["runtime"])
 
 
 def _typed_options_recorded(extra: list[str], config: dict) -> bool:
@@ -216,9 +216,9 @@ def test_refit_and_obs_prune_from_the_cli(tiny_model_dir, extra):
     record = json.loads((root / "out" / "adapruner.json").read_text())
     local = record["local"]
     assert local["tokens"] == 640 and set(local["relative_errors"]) and 0 <= local["mean_relative_error"] < 1
-    assert _typed_options_recorded(extra, record["config"])
-    assert record["config"]["refit"] == ("none" if record["config"]["metric"] == "obs" else "lsq")
-    assert bool(local["curves"]) == (record["config"]["metric"] == "obs")  # OBS records its error curves
+    assert _typed_options_recorded(extra, record["recipe"] | record["runtime"])
+    assert record["recipe"]["refit"] == ("none" if record["recipe"]["metric"] == "obs" else "lsq")
+    assert bool(local["curves"]) == (record["recipe"]["metric"] == "obs")  # OBS records its error curves
     assert record["params"]["pruned"] < record["params"]["dense"] and abs(record["achieved_ratio"] - 0.15) < 0.03
     bias = load_pruned(root / "out").model.layers[1].mlp.down_proj.bias
     assert (bias is None) == ("--no-refit-bias" in extra)
@@ -234,7 +234,7 @@ def test_default_refit_windows_fit_a_source_of_short_documents(tiny_model_dir):
     result = run(*prune_args(root, "--output", root / "out", "--refit", "lsq"), "--calibration", root / "short.txt")
     assert result.exit_code == 0, result.output
     record = json.loads((root / "out" / "adapruner.json").read_text())
-    assert record["config"]["refit_calibration"] == "256x64" and record["local"]["tokens"] == 256 * 64
+    assert record["recipe"]["refit_calibration"] == "256x64" and record["local"]["tokens"] == 256 * 64
 
 
 @pytest.mark.parametrize(
@@ -436,11 +436,17 @@ def test_search_then_prune_from_run(tiny_model_dir, monkeypatch):
     channels = gguf_layers(root / "run" / "pruned" / "model-f32.gguf")["channels"]
     assert channels == [layer["intermediate_size"] for layer in winner["layer_shapes"]]
     assert all(c % 4 == 0 for c in channels) and min(channels) < max(channels)
-    result = run("prune", root / "tiny", "--from-run", root / "run", "--output", root / "pruned")
+    result = run("prune", root / "tiny", "--from-run", root / "run", "--output", root / "pruned", "--batch-size", "2")
     assert result.exit_code == 0, result.output
     record = json.loads((root / "pruned" / "adapruner.json").read_text())
-    assert record["search"]["run"] == str(root / "run") and record["config"]["align"] == 4
+    assert record["search"]["run"] == str(root / "run") and record["recipe"]["align"] == 4
     assert record["layer_shapes"] == winner["layer_shapes"]
+    # the search's recipe and allocation, the prune's runtime
+    assert record["runtime"]["batch_size"] == 2 and winner["runtime"]["batch_size"] is None
+    assert {k: v for k, v in record["recipe"].items() if k != "model"} == {
+        k: v for k, v in winner["recipe"].items() if k != "model"
+    }
+    assert record["allocation"] == winner["allocation"]
     result = run("search", root / "tiny", "--ratio", "0.15", "--output", root / "run2", "--space", "both")
     assert result.exit_code == 2 and "unknown --space" in result.output
     assert run("prune", root / "tiny", "--output", root / "x").exit_code == 2
@@ -458,7 +464,7 @@ def test_activation_statistics_from_fresh_windows(tiny_model_dir):
         assert result.exit_code == 0, result.output
         record = json.loads((out / "adapruner.json").read_text())
         biases[name] = load_pruned(out).model.layers[1].mlp.down_proj.bias.detach()
-    assert record["config"]["activation_calibration"] == "12x16"
+    assert record["recipe"]["activation_calibration"] == "12x16"
     assert not biases["same"].allclose(biases["fresh"])  # the compensation reads other activations
 
 
@@ -466,13 +472,12 @@ def test_every_prune_config_field_has_a_flag_and_every_flag_a_field():
     """CLI <-> PruneConfig parity: a new field without a flag (or a flag `_config_options` would silently
     drop) fails here. The exceptions are named: what a search sets per trial, and command-level flags."""
     import inspect
-    from dataclasses import fields
 
     from adapruner import cli
-    from adapruner.recipe import PruneConfig
+    from adapruner.recipe.config import Recipe, Runtime, field_names
 
-    config = {f.name for f in fields(PruneConfig)}
-    per_trial = {"keep_counts", "max_removal", "activation_seed"}  # set by --from-run, never typed
+    config = field_names(Recipe) | field_names(Runtime)  # an Allocation is a search's, never typed
+    per_trial = {"activation_seed"}  # set by --from-run, never typed
     command = {"ctx", "output", "overwrite", "device_map", "from_run", "export", "quant"}
     flags = set(inspect.signature(cli.prune).parameters)
     assert config - flags == per_trial

@@ -22,7 +22,8 @@ from adapruner.cli import app
 from adapruner.errors import AdaPrunerError
 from adapruner.export import gguf_layers
 from adapruner.export import tokenizer as vocab
-from adapruner.export.gguf import from_pair_rope, layer_shapes, to_pair_rope
+from adapruner.export.gguf import layer_shapes
+from adapruner.export.rope import from_pair_rope, to_pair_rope
 from conftest import name_tokenizer_for_llama_cpp, pruned_tiny, save_tiny, write_corpus
 
 
@@ -247,7 +248,7 @@ def test_cli_prune_with_align_and_export_writes_the_gguf_inside_the_model(tmp_pa
     assert exported["architecture"] == "deci" and "architecture deci, q8_0" in " ".join(done.output.split())
     assert exported["channels"][0] == 40 and all(c % 8 == 0 and c < 40 for c in exported["channels"][1:])
     record = json.loads((tmp_path / "out" / "adapruner.json").read_text())
-    assert record["config"]["align"] == 8
+    assert record["recipe"]["align"] == 8
 
 
 @pytest.mark.real

@@ -233,17 +233,17 @@ def test_nan_scores_are_reported():
 
 def test_per_kind_metric_scores_each_kind_with_its_own_metric():
     from adapruner.importance.metrics import PerKind
-    from adapruner.recipe import PruneConfig
+    from adapruner.recipe import Recipe
 
     model = make_tiny("llama-gqa")
     adapter = get_adapter(model)
     groups = [g for i in (1, 2) for g in (attention_group(adapter, i, "query"), mlp_group(adapter, i))]
     stats = _stats_for(model, "element1")
-    metric = PruneConfig(model="", ratio=0.2, metric="element1", attention_metric="l2").build_metric()
+    metric = Recipe(model="", ratio=0.2, metric="element1", attention_metric="l2").build_metric()
     assert isinstance(metric, PerKind) and metric.needs == frozenset({"grad"})
     scores = score_groups(model, groups, metric, stats)
     l2 = score_groups(model, groups, get_metric("l2"), stats)
     e1 = score_groups(model, groups, get_metric("element1"), stats)
     for (layer, kind), value in scores.items():
         torch.testing.assert_close(value, (l2 if kind == "attention" else e1)[(layer, kind)])
-    assert not isinstance(PruneConfig(model="", ratio=0.2, attention_metric="element1").build_metric(), PerKind)
+    assert not isinstance(Recipe(model="", ratio=0.2, attention_metric="element1").build_metric(), PerKind)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from adapruner import AdaPrunerError, load_pruned
-from adapruner.api import PruneConfig, prune
+from adapruner.api import PruneConfig, Recipe, prune
 from adapruner.importance import collect_statistics, score_groups
 from adapruner.methods import METHODS, get_method
 from adapruner.models import attention_group, get_adapter, mlp_group
@@ -201,7 +201,7 @@ def test_joint_plan_with_compensation_masked_equals_physical():
 
 def test_ranking_options_are_checked():
     with pytest.raises(AdaPrunerError, match="unknown ranking"):
-        PruneConfig(model="", ratio=0.2, ranking="everywhere").validate()
+        Recipe(model="", ratio=0.2, ranking="everywhere").validate()
     with pytest.raises(AdaPrunerError, match="contradicts"):
         PruneConfig.from_method("", 0.2, ranking="global-all", global_ranking=True)
 
@@ -211,22 +211,24 @@ def test_older_spellings_become_the_one_field_of_their_concept():
     (a least-squares refit, which supersedes compensation, stays)."""
     from dataclasses import fields
 
-    assert not {"global_ranking", "compensate"} & {f.name for f in fields(PruneConfig)}
-    assert PruneConfig.from_method("", 0.2, global_ranking=True).ranking == "global"
-    assert PruneConfig.from_method("", 0.2, compensate=True).refit == "bias"
-    assert PruneConfig.from_method("", 0.2, compensate=True, refit="lsq").refit == "lsq"
-    assert PruneConfig.from_method("", 0.2, compensate=False, global_ranking=False) == PruneConfig(model="", ratio=0.2)
+    assert not {"global_ranking", "compensate"} & {f.name for f in fields(Recipe)}
+    assert PruneConfig.from_method("", 0.2, global_ranking=True).recipe.ranking == "global"
+    assert PruneConfig.from_method("", 0.2, compensate=True).recipe.refit == "bias"
+    assert PruneConfig.from_method("", 0.2, compensate=True, refit="lsq").recipe.refit == "lsq"
+    assert PruneConfig.from_method("", 0.2, compensate=False, global_ranking=False) == PruneConfig(
+        Recipe(model="", ratio=0.2)
+    )
 
 
 # -- method presets -------------------------------------------------------------------------
 
 
 def test_presets_and_overrides():
-    cfg = PruneConfig.from_method("m", 0.2, "flap", num_samples=16)
+    cfg = PruneConfig.from_method("m", 0.2, "flap", num_samples=16).recipe
     assert (cfg.metric, cfg.ranking, cfg.refit, cfg.layers) == ("wifv", "global-all", "bias", "0:")
     assert cfg.num_samples == 16 and cfg.method == "flap"
     assert PruneConfig.from_method("m", 0.2, "llm-pruner-element1") == PruneConfig(
-        "m", 0.2, method="llm-pruner-element1"
+        Recipe("m", 0.2, method="llm-pruner-element1")
     ), "LLM-Pruner's element1 settings are AdaPruner's defaults"
     for name in METHODS:
         PruneConfig.from_method("m", 0.2, name).validate()
@@ -235,7 +237,7 @@ def test_presets_and_overrides():
 
 
 def _method_scores(model, method: str, layer: int):
-    cfg = PruneConfig.from_method("", 0.2, method)
+    cfg = PruneConfig.from_method("", 0.2, method).recipe
     adapter = get_adapter(model)
     stats = collect_statistics(model, SAMPLES, adapter.projection_names(range(4)), cfg.build_metric().needs)
     groups = [attention_group(adapter, layer, "kv-group"), mlp_group(adapter, layer)]
@@ -281,13 +283,13 @@ def test_every_method_prunes_a_tiny_model_to_the_ratio(tiny_model_dir):
     for method in METHODS:
         result = prune(str(root / "tiny"), 0.15, method=method, **common)
         record = result.record
-        assert record["config"]["method"] == method, method
+        assert record["recipe"]["method"] == method, method
         assert abs(record["achieved_ratio"] - 0.15) < 0.02, (method, record["achieved_ratio"])
         plans[method] = record["plan"]
         if method == "flap":
             flap_result = result
     assert all(plans[m] != plans["random"] for m in METHODS if m != "random")
-    assert flap_result.record["config"]["refit"] == "bias" and flap_result.record["config"]["ranking"] == "global-all"
+    assert flap_result.record["recipe"]["refit"] == "bias" and flap_result.record["recipe"]["ranking"] == "global-all"
     assert any(m.mlp.down_proj.bias is not None for m in flap_result.model.model.layers)
 
 
@@ -300,7 +302,7 @@ def test_cli_method_flap_saves_a_reloadable_model_and_flags_override(tiny_model_
         "--calibration", root / "corpus.txt", "--num-samples", "6", "--seq-len", "16",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    config = json.loads((root / "out" / "adapruner.json").read_text())["config"]
+    config = json.loads((root / "out" / "adapruner.json").read_text())["recipe"]
     assert config["method"] == "flap" and config["metric"] == "wifv" and config["refit"] == "bias"
     assert config["num_samples"] == 6 and config["seq_len"] == 16 and config["layers"] == "0:"
     model = load_pruned(root / "out")
@@ -320,16 +322,16 @@ def test_cli_unknown_method_is_one_line(tiny_model_dir):
 
 
 def _plan_with_knobs(model, scores, ranking: str, **knobs):
-    from adapruner.recipe import PruneConfig, plan_for_scores
+    from adapruner.recipe import Recipe, plan_for_scores
 
-    cfg = PruneConfig(model="", ratio=0.25, head_mode="kv-group", ranking=ranking, layers="1:5", **knobs)
+    cfg = Recipe(model="", ratio=0.25, head_mode="kv-group", ranking=ranking, layers="1:5", **knobs)
     return plan_for_scores(model, scores, cfg.budget((1, 5)), cfg)
 
 
 @pytest.mark.parametrize("ranking", ["global", "global-all"])
 def test_allocation_knobs_act_on_cross_layer_rankings(ranking):
     """Depth profile and attention scale still decide where the cut falls when units compete across layers."""
-    from adapruner.pruning.plan import allocation_offsets
+    from adapruner.pruning.ranking import allocation_offsets
 
     model = make_tiny("llama-mha", layers=6)
     adapter = get_adapter(model)

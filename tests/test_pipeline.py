@@ -165,4 +165,4 @@ def test_run_flags_reach_the_search(tiny_model_dir, tmp_path):
     assert best["pool"]["per_source"] == 10 and best["space"]["sources"] == [corpus]
     assert best["space"]["metrics"] == ["element1", "l2"]
     study = optuna.load_study(study_name="tiny-run", storage=storage)
-    assert len(study.trials) == 1 and study.trials[0].user_attrs["recipe"]["head_mode"] == "kv-group"
+    assert len(study.trials) == 1 and study.trials[0].user_attrs["from_run"]["recipe"]["head_mode"] == "kv-group"

@@ -117,7 +117,7 @@ def test_prune_from_run_reproduces_the_best_trial(tiny_model_dir):
     result = run_search(root, trials=3)
     pruned = prune(str(root / "tiny"), from_run=root / "run", output=root / "pruned")
     assert pruned.record["search"]["subset"] == result["best"]["subset"]
-    assert pruned.record["config"]["metric"] == result["best"]["config"]["metric"]
+    assert pruned.record["recipe"]["metric"] == result["best"]["config"]["metric"]
     tokens = token_stream(pruned.tokenizer, str(root / "corpus.txt"), "validation", 512)
     assert perplexity(pruned.model, tokens, 16, progress=False) == pytest.approx(result["best"]["value"], rel=1e-4)
 
@@ -267,17 +267,20 @@ def test_objective_reports_partial_perplexity_and_equals_the_full_pass(tiny_mode
 
 
 def _legacy_recipe_equals_stored(run_dir) -> bool:
-    """A ``best.json`` written before recipes were stored (no ``recipe``) still loads, as the same recipe."""
-    from adapruner.recipe import PruneConfig
-    from adapruner.recipe.from_run import options_from_run
+    """Older ``best.json`` files still load, as the same recipe and allocation: one of 2026-12-06 (one flat
+    recipe, runtime fields included) and one written before recipes were stored (no ``recipe``)."""
+    from adapruner.recipe.config import Runtime
+    from adapruner.recipe.from_run import recipe_from_run
 
-    ratio, stored, searched = options_from_run(run_dir)
+    stored = recipe_from_run(run_dir)
     best = json.loads((run_dir / "best.json").read_text())
+    allocation = best.pop("allocation") or {}
+    best["recipe"] |= allocation | Runtime(dtype="bfloat16").to_dict()  # as 2026-12-06 wrote it
+    (run_dir / "best.json").write_text(json.dumps(best))
+    flat = recipe_from_run(run_dir)
     del best["recipe"]
     (run_dir / "best.json").write_text(json.dumps(best))
-    legacy_ratio, legacy, legacy_searched = options_from_run(run_dir)
-    assert (legacy_ratio, legacy_searched) == (ratio, searched)
-    return PruneConfig(model="m", ratio=ratio, **legacy) == PruneConfig(model="m", ratio=ratio, **stored)
+    return recipe_from_run(run_dir) == flat == stored
 
 
 def _config_of(trial):
@@ -351,12 +354,12 @@ def test_flap_warm_starts_are_trials_1_and_2_and_are_the_methods_exactly(tiny_mo
     flap, record = _warm_start_is_the_method_exactly(root, corpus, result, "flap")
     assert flap.user_attrs["config"]["compensate"] and flap.user_attrs["config"]["layers"] == "0:"
     assert flap.user_attrs["subset"] is None and "num_samples" not in flap.params
-    assert record["config"]["refit"] == "bias" and record["config"]["ranking"] == "global-all"
-    assert record["config"]["activation_calibration"] == "128x128" and record["layer_range"] == [0, 4]
+    assert record["recipe"]["refit"] == "bias" and record["recipe"]["ranking"] == "global-all"
+    assert record["recipe"]["activation_calibration"] == "128x128" and record["layer_range"] == [0, 4]
 
     refitted, record = _warm_start_is_the_method_exactly(root, corpus, result, "flap-refit")
     assert refitted.user_attrs["config"]["refit"] == "lsq" and not refitted.user_attrs["config"]["compensate"]
-    assert record["config"]["refit"] == "lsq" and record["local"]["tokens"] == 128 * 128
+    assert record["recipe"]["refit"] == "lsq" and record["local"]["tokens"] == 128 * 128
 
 
 def _warm_start_is_the_method_exactly(root, corpus, result, name: str):
@@ -377,7 +380,7 @@ def _warm_start_is_the_method_exactly(root, corpus, result, name: str):
 
     best = json.loads((root / "run" / "best.json").read_text())
     best["best"] |= {"trial": trial.number, "value": start["value"], "config": trial.user_attrs["config"]}
-    best["recipe"] = trial.user_attrs["recipe"]
+    best |= trial.user_attrs["from_run"]
     best["best"]["subset"] = None
     (root / "run" / "best.json").write_text(json.dumps(best))
     pruned = prune(str(root / "tiny"), from_run=root / "run")
@@ -470,14 +473,14 @@ def test_per_layer_trials_assemble_supernet_candidates_meet_the_budget_and_prune
     best = json.loads((root / "run" / "best.json").read_text())
     trial = min(per_layer, key=lambda t: t.value if t.value is not None else float("inf"))
     best["best"] |= {"trial": trial.number, "value": trial.value, "config": trial.user_attrs["config"], "subset": None}
-    best["recipe"] = trial.user_attrs["recipe"]
+    best |= trial.user_attrs["from_run"]
     (root / "run" / "best.json").write_text(json.dumps(best))
     pruned = prune(str(root / "tiny"), from_run=root / "run")
     tokens = token_stream(pruned.tokenizer, str(corpus), "validation", 512)
     assert perplexity(pruned.model, tokens, 16, progress=False) == pytest.approx(trial.value, rel=1e-4)
     assert _legacy_recipe_equals_stored(root / "run")
     record = pruned.record
-    assert record["config"]["keep_counts"] and record["local"]["supernet"]
+    assert record["allocation"]["keep_counts"] and record["local"]["supernet"]
     unit = 3 * 48  # one MLP channel of the tiny model: gate and up rows, a down_proj column
     dense = record["params"]["dense"]
     biases = sum(p.numel() for n, p in pruned.model.named_parameters() if n.endswith(("o_proj.bias", "down_proj.bias")))
@@ -487,15 +490,20 @@ def test_per_layer_trials_assemble_supernet_candidates_meet_the_budget_and_prune
 
 def test_a_stored_recipe_with_unknown_fields_is_refused_in_one_line(tmp_path):
     from adapruner import AdaPrunerError
-    from adapruner.recipe.from_run import options_from_run
+    from adapruner.recipe.from_run import recipe_from_run
 
     best = {"ratio": 0.2, "pool": {}, "best": {"subset": None}, "recipe": {"metric": "element1", "warp_drive": 9}}
-    (tmp_path / "best.json").write_text(json.dumps(best))
-    with pytest.raises(AdaPrunerError, match=r"newer AdaPruner \(unknown recipe fields warp_drive\): upgrade"):
-        options_from_run(tmp_path)
-    (tmp_path / "best.json").write_text(json.dumps(best | {"recipe": ["not", "a", "mapping"]}))
-    with pytest.raises(AdaPrunerError, match="is corrupted"):
-        options_from_run(tmp_path)
+    for written in (best, best | {"allocation": None}):  # the flat recipe of 2026-12-06, and today's
+        (tmp_path / "best.json").write_text(json.dumps(written))
+        with pytest.raises(AdaPrunerError, match=r"newer AdaPruner \(unknown recipe fields warp_drive\): upgrade"):
+            recipe_from_run(tmp_path)
+        (tmp_path / "best.json").write_text(json.dumps(written | {"recipe": ["not", "a", "mapping"]}))
+        with pytest.raises(AdaPrunerError, match="is corrupted"):
+            recipe_from_run(tmp_path)
+    today = best | {"recipe": {"model": "", "ratio": 0.2}, "allocation": {"keep_counts": [[0, 2]], "max_removal": 0.9}}
+    (tmp_path / "best.json").write_text(json.dumps(today))
+    with pytest.raises(AdaPrunerError, match="an allocation needs"):
+        recipe_from_run(tmp_path)
 
 
 def test_a_space_without_llm_pruners_metric_is_refused_in_one_line():

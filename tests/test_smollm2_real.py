@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 
-from adapruner import PruneConfig, load_pruned
+from adapruner import PruneConfig, Recipe, load_pruned
 from adapruner.assets import model_dir
 from adapruner.models import get_adapter
 from adapruner.pruning import masked, prune_physically
@@ -30,7 +30,7 @@ def smollm2():
 
 def test_element1_plan_is_exact_on_smollm2(smollm2, tmp_path):
     model, tokenizer = smollm2
-    cfg = PruneConfig(model="smollm2-135m", ratio=0.2, num_samples=4, seq_len=32)
+    cfg = Recipe(model="smollm2-135m", ratio=0.2, num_samples=4, seq_len=32)
     planned = plan_recipe(model, cfg, PlanInputs(model, tokenizer))
     plan = planned.plan
     adapter = get_adapter(model)
@@ -64,7 +64,7 @@ def test_refit_trial_equals_the_saved_model_on_smollm2(smollm2, tmp_path):
 
     model, tokenizer = smollm2
     options = {"layers": "10:12", "num_samples": 24, "refit_calibration": "24x128"}
-    cfg = PruneConfig.from_method("smollm2-135m", 0.02, method="flap-refit", **options)
+    cfg = PruneConfig.from_method("smollm2-135m", 0.02, method="flap-refit", **options).recipe
     trial_plan = plan_recipe(model, cfg, PlanInputs(model, tokenizer), restore=True)
     plan, refits, summary = trial_plan.plan, trial_plan.refits, trial_plan.local
     refitted = {f"model.layers.{i}.{m}" for i in (10, 11) for m in ("self_attn.o_proj", "mlp.down_proj")}
@@ -99,9 +99,9 @@ def test_books_windows_are_checked_before_the_weights_load(monkeypatch, tmp_path
     if not (model_dir("smollm2-135m") / "config.json").is_file():
         pytest.skip("SmolLM2 is not fetched: run `adapruner assets fetch smollm2-135m data` (make test does)")
     tokenizer = load_tokenizer("smollm2-135m")
-    default = PruneConfig(model="smollm2-135m", ratio=0.2, refit="lsq")
+    default = Recipe(model="smollm2-135m", ratio=0.2, refit="lsq")
     assert check_calibration(tokenizer, default).refit_calibration == "256x64"
-    obs = PruneConfig.from_method("smollm2-135m", 0.2, "local-obs")
+    obs = PruneConfig.from_method("smollm2-135m", 0.2, "local-obs").recipe
     assert check_calibration(tokenizer, obs).refit_calibration == "128x128"
 
     def no_weights(*args, **kwargs):

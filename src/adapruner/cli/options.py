@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any
@@ -44,7 +46,9 @@ Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 DeviceMap = Annotated[str | None, typer.Option(help="Passed to from_pretrained, e.g. auto.")]
 Offload = Annotated[bool, typer.Option(help="Keep gradient statistics on the CPU (large models).")]
 BatchSize = Annotated[int | None, typer.Option(help="Samples per statistics step (default: all at once).")]
-Checkpointing = Annotated[bool, typer.Option(help="Gradient checkpointing in the statistics pass (less memory).")]
+GradientCheckpointing = Annotated[
+    bool, typer.Option(help="Gradient checkpointing in the statistics pass (less memory).")
+]
 AttentionMetric = Annotated[str | None, typer.Option(help="Another metric for attention heads (default: --metric).")]
 DepthSlope = Annotated[float, typer.Option(help="Per-layer rate profile: >0 cuts deeper layers more (0: uniform).")]
 DepthBend = Annotated[float, typer.Option(help="Per-layer rate profile: >0 cuts both ends more than the middle.")]
@@ -137,13 +141,55 @@ Uniform = Annotated[
 ]
 
 
-def config_options(values: dict[str, Any]) -> dict[str, Any]:
-    """The PruneConfig fields (and their older spellings) among a command's parameters (``--mix`` text
-    parsed into weights)."""
-    from ..recipe import PruneConfig
-    from ..recipe.config import LEGACY_SPELLINGS
+# The recipe and runtime options that several commands take, by group: each is declared once above, under its
+# field's name in CamelCase, and defaults to its field's default in Recipe/Runtime (adapruner.recipe.config).
+SCORING = (
+    "metric", "mix", "aggregation", "calibration", "num_samples", "seq_len", "layers", "head_mode", "attention_scale",
+    "align", "global_ranking", "attention_metric", "depth_slope", "depth_bend", "ranking", "activation_calibration",
+    "seed",
+)  # fmt: skip
+REFITTING = (
+    "compensate", "refit", "refit_calibration", "refit_damping", "refit_bias", "obs_rounds", "refit_device", "uniform",
+)  # fmt: skip
+STATISTICS_RUNTIME = ("dtype", "device_map", "offload", "batch_size", "gradient_checkpointing")
 
-    names = ({f.name for f in fields(PruneConfig)} | set(LEGACY_SPELLINGS)) - {"model", "ratio"}
+
+def takes(*groups: tuple[str, ...]) -> Callable[[Callable], Callable]:
+    """Give a command the options of ``groups`` in place of its ``**options``: typer reads the signature, so
+    each option is declared once here and its default is the recipe's (the command receives them in
+    ``options``)."""
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command, eval_str=True)
+        params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        shared = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=_default(name), annotation=_declared(name))
+            for group in groups
+            for name in group
+        ]
+        command.__signature__ = signature.replace(parameters=params + shared)
+        return command
+
+    return decorate
+
+
+def _declared(name: str) -> Any:
+    return globals()["".join(word.capitalize() for word in name.split("_"))]
+
+
+def _default(name: str) -> Any:
+    from ..recipe.config import Recipe, Runtime
+
+    defaults = {f.name: f.default for cls in (Recipe, Runtime) for f in fields(cls)}
+    return defaults.get(name, False if name in ("global_ranking", "compensate") else None)
+
+
+def config_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The recipe and runtime fields (and their older spellings) among a command's parameters (``--mix``
+    text parsed into weights)."""
+    from ..recipe.config import LEGACY_SPELLINGS, Recipe, Runtime, field_names
+
+    names = (field_names(Recipe) | field_names(Runtime) | set(LEGACY_SPELLINGS)) - {"model", "ratio"}
     options = {k: v for k, v in values.items() if k in names}
     options["mix"] = parse_mix(options.get("mix")) or None
     return options

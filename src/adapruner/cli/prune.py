@@ -3,56 +3,36 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from .app import app, out, user_errors
 from .options import (
-    ActivationCalibration,
-    Aggregation,
-    Align,
-    AttentionMetric,
-    AttentionScale,
-    BatchSize,
+    REFITTING,
+    SCORING,
+    STATISTICS_RUNTIME,
     Calibration,
-    Checkpointing,
-    Compensate,
-    DepthBend,
-    DepthSlope,
-    DeviceMap,
     Dtype,
     ExportFormat,
-    GlobalRanking,
-    HeadMode,
     Layers,
-    Metric,
-    Mix,
     ModelArg,
-    NumSamples,
-    ObsRounds,
-    Offload,
     Quant,
-    Ranking,
     Ratio,
-    Refit,
-    RefitBias,
-    RefitCalibration,
-    RefitDamping,
-    RefitDevice,
     Seed,
     SeqLen,
-    Uniform,
     check_export,
     config_options,
     export_into,
     given_options,
+    takes,
 )
 
 
 @app.command()
 @user_errors
+@takes(SCORING, REFITTING, STATISTICS_RUNTIME)
 def prune(
     ctx: typer.Context,
     model: ModelArg,
@@ -69,45 +49,17 @@ def prune(
             "refit; options given explicitly still override it."
         ),
     ] = None,
-    metric: Metric = "element1",
-    mix: Mix = None,
-    aggregation: Aggregation = "sum",
-    calibration: Calibration = "books",
-    num_samples: NumSamples = 10,
-    seq_len: SeqLen = 64,
-    layers: Layers = None,
-    head_mode: HeadMode = "auto",
-    attention_scale: AttentionScale = 1.0,
-    align: Align = 1,
-    global_ranking: GlobalRanking = False,
-    attention_metric: AttentionMetric = None,
-    depth_slope: DepthSlope = 0.0,
-    depth_bend: DepthBend = 0.0,
-    ranking: Ranking = "layer",
-    activation_calibration: ActivationCalibration = None,
-    compensate: Compensate = False,
-    refit: Refit = "none",
-    refit_calibration: RefitCalibration = None,
-    refit_damping: RefitDamping = 1e-3,
-    refit_bias: RefitBias = True,
-    obs_rounds: ObsRounds = 16,
-    refit_device: RefitDevice = None,
-    uniform: Uniform = False,
-    seed: Seed = 0,
-    dtype: Dtype = "float32",
-    device_map: DeviceMap = None,
-    offload: Offload = False,
-    batch_size: BatchSize = None,
-    gradient_checkpointing: Checkpointing = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     export: ExportFormat = None,
     quant: Quant = "f16",
+    **options: Any,
 ) -> None:
     """Prune MODEL by RATIO of its parameters and save a loadable HF directory (and a GGUF with --export gguf)."""
     from .. import api
 
     check_export(export, quant)
-    options = config_options(locals())
+    device_map = options.pop("device_map")
+    options = config_options(options)
     if method is not None:
         options = given_options(ctx, options) | {"method": method}
     result = api.prune(
@@ -130,38 +82,18 @@ def prune(
 
 @app.command()
 @user_errors
+@takes(SCORING, STATISTICS_RUNTIME)
 def importance(
     model: ModelArg,
     output: Annotated[Path, typer.Option(help="JSON file for the per-group scores and the resulting plan.")],
     ratio: Ratio = 0.2,
-    metric: Metric = "element1",
-    mix: Mix = None,
-    aggregation: Aggregation = "sum",
-    calibration: Calibration = "books",
-    num_samples: NumSamples = 10,
-    seq_len: SeqLen = 64,
-    layers: Layers = None,
-    head_mode: HeadMode = "auto",
-    attention_scale: AttentionScale = 1.0,
-    align: Align = 1,
-    global_ranking: GlobalRanking = False,
-    attention_metric: AttentionMetric = None,
-    depth_slope: DepthSlope = 0.0,
-    depth_bend: DepthBend = 0.0,
-    ranking: Ranking = "layer",
-    activation_calibration: ActivationCalibration = None,
-    seed: Seed = 0,
-    dtype: Dtype = "float32",
-    device_map: DeviceMap = None,
-    offload: Offload = False,
-    batch_size: BatchSize = None,
-    gradient_checkpointing: Checkpointing = True,
+    **options: Any,
 ) -> None:
     """Score every prunable group of MODEL and save the scores (and the plan RATIO would give) as JSON."""
     from .. import api
 
-    options = config_options(locals())
-    report = api.score_importance(model, ratio, output=output, device_map=device_map, **options)
+    device_map = options.pop("device_map")
+    report = api.score_importance(model, ratio, output=output, device_map=device_map, **config_options(options))
     out.print(f"scores of {len(report['scores'])} groups written to {output}")
 
 

@@ -133,7 +133,7 @@ def _gguf_info(path: Path) -> None:
 def info(
     directory: Annotated[Path, typer.Argument(help="A directory written by `adapruner prune`, or a .gguf file.")],
 ) -> None:
-    """Show what was pruned: source, ratios, per-layer sizes, metric and calibration (or a GGUF's widths)."""
+    """Show what was pruned: source, ratios, per-layer sizes, the recipe and allocation (or a GGUF's widths)."""
     from .. import api
 
     if directory.suffix == ".gguf":
@@ -142,7 +142,9 @@ def info(
     rec = api.info(directory)
     keys = ("source_model", "model_type", "architecture", "target_ratio", "achieved_ratio", "params")
     summary = {k: rec[k] for k in keys}
-    summary["config"] = rec.get("config")
+    for key in ("recipe", "allocation", "config"):  # "config": directories written before 2026-12-07
+        if rec.get(key) is not None:
+            summary[key] = rec[key]
     local = rec.get("local")
     if local:  # what the layer-by-layer refit did (the error curves stay in adapruner.json)
         summary["local"] = {k: local[k] for k in ("tokens", "seconds", "mean_relative_error", "damping_raised")}

@@ -115,6 +115,13 @@ class WandaSP(Importance):
         return _slice_sum(per_index, member)
 
 
+def _fluctuation(model: torch.nn.Module, group: GroupSet, stats: Statistics) -> tuple[Member, torch.Tensor]:
+    """FLAP's fluctuation of every input column j of the group's o_proj/down_proj: Var(X_j) * ||W[:, j]||^2."""
+    member = next(m for m in group.members if m.dim == 1)
+    weight = model.get_submodule(member.module).weight.detach().float()
+    return member, stats.input_variance(member.module).to(weight.device) * weight.pow(2).sum(0)
+
+
 class Flap(Importance):
     """FLAP's fluctuation metric on the unit's input to o_proj/down_proj: Var(X_j) * ||W[:, j]||^2.
 
@@ -128,9 +135,7 @@ class Flap(Importance):
     uses_aggregation = False
 
     def group_scores(self, model: torch.nn.Module, group: GroupSet, stats: Statistics, aggregation: str):
-        member = next(m for m in group.members if m.dim == 1)
-        weight = model.get_submodule(member.module).weight.detach().float()
-        per_column = stats.input_variance(member.module).to(weight.device) * weight.pow(2).sum(0)
+        member, per_column = _fluctuation(model, group, stats)
         return _slice_sum(per_column, member)
 
     def score_all(self, model, groups, stats, aggregation) -> Scores:
@@ -153,9 +158,7 @@ class Wifv(Importance):
     uses_aggregation = False
 
     def group_scores(self, model: torch.nn.Module, group: GroupSet, stats: Statistics, aggregation: str):
-        member = next(m for m in group.members if m.dim == 1)
-        weight = model.get_submodule(member.module).weight.detach().float()
-        per_column = stats.input_variance(member.module).to(weight.device) * weight.pow(2).sum(0)
+        member, per_column = _fluctuation(model, group, stats)
         if group.kind == "attention":
             per_column = per_column.pow(2)
         z = (per_column - per_column.mean()) / per_column.std().clamp_min(1e-12)

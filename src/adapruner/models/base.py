@@ -32,6 +32,10 @@ class LayerShape:
         return asdict(self)
 
 
+ATTENTION_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj")  # the projections a decoder layer's pruning touches
+MLP_ROLES = ("gate_proj", "up_proj", "down_proj")
+
+
 @dataclass(frozen=True)
 class LayerModules:
     """The linear layers of one decoder layer that pruning touches."""
@@ -97,17 +101,8 @@ class ModelAdapter:
     def layer(self, index: int) -> LayerModules:
         block = self.decoder_layers()[index]
         attn, mlp = block.self_attn, block.mlp
-        return LayerModules(
-            attention=attn,
-            q_proj=attn.q_proj,
-            k_proj=attn.k_proj,
-            v_proj=attn.v_proj,
-            o_proj=attn.o_proj,
-            mlp=mlp,
-            gate_proj=mlp.gate_proj,
-            up_proj=mlp.up_proj,
-            down_proj=mlp.down_proj,
-        )
+        projections = {r: getattr(attn, r) for r in ATTENTION_ROLES} | {r: getattr(mlp, r) for r in MLP_ROLES}
+        return LayerModules(attention=attn, mlp=mlp, **projections)
 
     def layer_shape(self, index: int) -> LayerShape:
         """Read sizes from the modules themselves, so an already pruned model is described right."""
@@ -125,8 +120,8 @@ class ModelAdapter:
     def prunable_module_names(self, index: int) -> dict[str, str]:
         """Role -> full module name (``q_proj`` -> ``model.layers.3.self_attn.q_proj``)."""
         prefix = self.layer_name(index)
-        attn = {r: f"{prefix}.self_attn.{r}" for r in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        mlp = {r: f"{prefix}.mlp.{r}" for r in ("gate_proj", "up_proj", "down_proj")}
+        attn = {r: f"{prefix}.self_attn.{r}" for r in ATTENTION_ROLES}
+        mlp = {r: f"{prefix}.mlp.{r}" for r in MLP_ROLES}
         return attn | mlp
 
     def projection_names(self, layers: Iterable[int]) -> list[str]:

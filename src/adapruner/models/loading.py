@@ -11,6 +11,7 @@ import torch
 from ..errors import AdaPrunerError, OfflineError
 from .base import adapter_class_for
 from .modeling import PRUNED_CLASSES
+from .registry import resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OFFLINE_HINT = "use a fetched model (smollm2-135m, qwen2.5-0.5b: `adapruner assets fetch NAME`) or a local directory"
@@ -22,8 +23,6 @@ def _looks_like_path(name: str) -> bool:
 
 def resolve_location(name_or_path: str) -> str:
     """Asset name -> cache dir; local path -> checked path; anything else is a hub id."""
-    from ..assets import resolve_model
-
     location = resolve_model(name_or_path)
     if _looks_like_path(location):
         path = Path(location).expanduser()

@@ -1,7 +1,8 @@
 """Pruning decisions (plans), their application (masks or removal) and saving."""
 
 from .apply import masked, prune_physically
-from .plan import Budget, LayerPlan, PrunePlan, plan_from_scores, solve_keep_counts
+from .plan import Budget, LayerPlan, PrunePlan, solve_keep_counts
+from .ranking import plan_from_scores
 
 __all__ = [
     "Budget",

@@ -14,7 +14,7 @@ from ..errors import AdaPrunerError
 from ..importance import Statistics
 from ..importance.fresh import FreshWindows
 from ..util import log
-from .config import REFIT_LENGTHS, REFIT_TOKENS, PruneConfig, parse_windows
+from .config import REFIT_LENGTHS, REFIT_TOKENS, Allocation, Recipe, parse_windows
 
 
 def activation_statistics(
@@ -27,7 +27,7 @@ def activation_statistics(
     return FreshWindows(model, tokenizer, modules, reuse=False).statistics(sources, *parse_windows(windows), seed)
 
 
-def refit_windows(tokenizer: Any, cfg: PruneConfig) -> torch.Tensor:
+def refit_windows(tokenizer: Any, cfg: Recipe) -> torch.Tensor:
     """The calibration windows of the layer-by-layer engine: ``refit_calibration`` of ``calibration``."""
     count, length = parse_windows(cfg.refit_calibration or default_refit_calibration(tokenizer, cfg.calibration))
     return sample_mixture(tokenizer, cfg.calibration, count, length, seed=cfg.fresh_seed)
@@ -48,23 +48,30 @@ def default_refit_calibration(tokenizer: Any, sources: str, windows: WindowCount
     )
 
 
-def check_calibration(tokenizer: Any, cfg: PruneConfig, samples_given: bool = False, refit: bool = True) -> PruneConfig:
+def check_calibration(
+    tokenizer: Any,
+    cfg: Recipe,
+    allocation: Allocation | None = None,
+    samples_given: bool = False,
+    refit: bool = True,
+) -> Recipe:
     """``cfg`` with its default refit windows chosen, once every calibration draw it will make fits its sources.
 
     It needs only the tokenizer, so a source too small for the asked windows fails before the weights load
     and the scoring runs, with a one-line error naming the option that fixes it. ``samples_given``: the
     gradient samples come from a search's pool (``--from-run``), not from ``calibration``; ``refit=False``:
-    scores only (``importance``), no refit windows are drawn.
+    scores only (``importance``), no refit windows are drawn. A per-layer ``allocation`` scores nothing: only
+    its refit windows are drawn.
     """
     windows = WindowCounts(tokenizer)
-    if cfg.keep_counts is None:  # a per-layer allocation scores nothing: only its refit windows are drawn
+    if allocation is None:
         fresh = cfg.fresh_activations()
         if not samples_given and cfg.statistic_needs() - ({"activations"} if fresh else set()):
             _check_draw(windows, cfg.calibration, cfg.num_samples, cfg.seq_len, None)
         if fresh:
             count, length = parse_windows(cfg.activation_calibration)
             _check_draw(windows, cfg.calibration, count, length, "--activation-calibration")
-    if not refit or (cfg.keep_counts is None and not cfg.uses_local_engine):
+    if not refit or (allocation is None and not cfg.uses_local_engine):
         return cfg
     if cfg.refit_calibration is not None:
         _check_draw(windows, cfg.calibration, *parse_windows(cfg.refit_calibration), "--refit-calibration")

@@ -1,12 +1,15 @@
-"""What a pruning run is: the recipe and its settings (:class:`PruneConfig`), validated in one place.
+"""What a pruning run is, in three values validated in one place: the :class:`Recipe` (what is pruned
+and how units are chosen), the :class:`Runtime` (where and in what precision it runs) and, for a search's
+per-layer trial, the :class:`Allocation` (each layer's kept counts). :class:`PruneConfig` bundles them for
+``adapruner prune``, whose flat options (CLI flags, API keywords) it sorts into the three.
 
-Every way into pruning (``adapruner prune``, a search trial, ``--from-run``, the pipeline) builds one of
-these and hands it to :func:`adapruner.recipe.plan.plan_recipe`.
+Every way into pruning (``adapruner prune``, a search trial, ``--from-run``, the pipeline) hands a recipe and
+its allocation to :func:`adapruner.recipe.plan.plan_recipe`; the runtime travels in its ``PlanInputs``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import AdaPrunerError
@@ -15,12 +18,14 @@ from ..importance.metrics import PerKind
 from ..local import LocalSettings
 from ..methods import get_method, with_method
 from ..models.groups import HEAD_MODES
-from ..pruning.plan import RANKINGS, Budget
+from ..pruning.plan import Budget
+from ..pruning.ranking import RANKINGS
 
 
 @dataclass(frozen=True)
-class PruneConfig:
-    """Everything that decides a pruning run; recorded verbatim in ``adapruner.json``."""
+class Recipe:
+    """What is pruned and how its units are chosen: two runs with the same recipe (and allocation) remove
+    the same units, whatever their runtime."""
 
     model: str
     ratio: float
@@ -34,11 +39,7 @@ class PruneConfig:
     attention_scale: float = 1.0
     align: int = 1
     seed: int = 0
-    dtype: str = "float32"
     mix: dict[str, float] | None = None
-    offload: bool = False
-    batch_size: int | None = None  # samples per statistics step; None: all at once, as LLM-Pruner does
-    gradient_checkpointing: bool = True  # same statistics, ~0.5x peak memory, a little slower
     attention_metric: str | None = None  # None: ``metric`` scores attention heads too
     depth_slope: float = 0.0  # per-layer rate profile (see Budget); 0, 0 = uniform
     depth_bend: float = 0.0
@@ -58,52 +59,22 @@ class PruneConfig:
     refit_damping: float = 1e-3  # fraction of the mean diagonal of each input Gram matrix (measured, README)
     refit_bias: bool = True  # lsq/obs: refit a bias too (the kept columns fitted on centred inputs)
     obs_rounds: int = 16  # obs: batches in which MLP channels are removed
-    refit_device: str | None = None  # run the layer-by-layer engine there, one layer at a time (e.g. cuda)
-    # A per-layer allocation (a search's per-layer trial): [layer, attention units, MLP channels] kept per
-    # layer, pruned by assembling the supernet's candidates (OBS order + least-squares refit on the dense
-    # model's inputs over ``refit_calibration`` windows of ``calibration``; adapruner.local.supernet)
-    keep_counts: list[list[int]] | None = None
-    max_removal: float = 0.9  # the supernet's deepest candidate (it decides OBS's removal order)
     # every layer pruned to the same sizes and saved in the family's stock architecture (no remote code):
     # the ranking is per layer, the layer range every layer, the depth profile flat (adapruner.pruning.stock)
     uniform: bool = False
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
     @classmethod
-    def from_method(cls, model: str, ratio: float, method: str | None = None, **options: Any) -> PruneConfig:
-        """The preset of ``method`` (see :mod:`adapruner.methods`), overridden by ``options`` (older
-        spellings included, see :func:`one_spelling`)."""
-        return cls(model=model, ratio=ratio, **with_method({"method": method} | one_spelling(options)))
+    def from_dict(cls, data: dict[str, Any], where: str) -> Recipe:
+        """A stored recipe; fields this version does not know are a one-line error naming ``where``."""
+        return cls(**_known(cls, data, where, "recipe"))
 
     @property
     def refit_mode(self) -> str:
         """none, bias or lsq: what the plan's kept weights get (``obs`` selection always refits by lsq)."""
         return "lsq" if self.local_selection else self.refit
-
-    @property
-    def output_bias(self) -> str | None:
-        """What gives o_proj/down_proj a bias in the output (None: nothing): ``--uniform`` must express it."""
-        if self.keep_counts is not None:
-            return "the supernet's least-squares refit"
-        if self.refit_mode == "bias":
-            return "bias compensation (--refit bias)"
-        if self.refit_mode == "lsq" and self.refit_bias:
-            return "the least-squares refit (its bias)"
-        return None
-
-    def as_uniform(self, given: dict[str, Any]) -> PruneConfig:
-        """This recipe with every layer pruned alike (``--uniform``): a preset's cross-layer ranking becomes
-        ``layer`` (FLAP: its uniform UL-UM variant) and its layer range every layer. Options typed in
-        ``given`` that contradict it are one-line errors."""
-        if given.get("ranking") not in (None, "layer") or given.get("global_ranking"):
-            raise AdaPrunerError("--uniform prunes every layer alike: drop --ranking")
-        if given.get("depth_slope") or given.get("depth_bend"):
-            raise AdaPrunerError("--uniform prunes every layer alike: drop --depth-slope/--depth-bend")
-        if self.keep_counts is not None and len({(a, m) for _, a, m in self.keep_counts}) > 1:
-            raise AdaPrunerError(
-                "--uniform: this search's best trial keeps different counts per layer; search with --uniform"
-            )
-        layers = given.get("layers") or ("0:" if self.keep_counts is None else None)
-        return replace(self, ranking="layer", layers=layers, depth_slope=0.0, depth_bend=0.0)
 
     @property
     def fresh_seed(self) -> int:
@@ -119,14 +90,15 @@ class PruneConfig:
     def uses_local_engine(self) -> bool:
         return self.refit_mode == "lsq"
 
-    def local_settings(self) -> LocalSettings:
+    def local_settings(self, device: str | None = None) -> LocalSettings:
+        """The layer-by-layer engine's settings; ``device``: the runtime's ``refit_device``."""
         return LocalSettings(
             selection="obs" if self.local_selection else "plan",
             refit="lsq",
             damping=self.refit_damping,
             bias=self.refit_bias,
             rounds=self.obs_rounds,
-            device=self.refit_device,
+            device=device,
         )
 
     def build_metric(self) -> Importance:
@@ -196,6 +168,136 @@ class PruneConfig:
                 "--metric obs chooses units inside each layer at the budget's per-layer rates: use --ranking layer "
                 "and no --attention-metric"
             )
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a recipe runs: precision, memory and devices. It never changes which units go (beyond the
+    rounding of ``dtype``), so ``--from-run`` takes the prune's runtime, not the search's."""
+
+    dtype: str = "float32"
+    offload: bool = False
+    batch_size: int | None = None  # samples per statistics step; None: all at once, as LLM-Pruner does
+    gradient_checkpointing: bool = True  # same statistics, ~0.5x peak memory, a little slower
+    refit_device: str | None = None  # run the layer-by-layer engine there, one layer at a time (e.g. cuda)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What a search's per-layer trial fixes: every layer's kept (layer, attention units, MLP channels),
+    pruned by assembling the supernet's candidates (OBS order + least-squares refit on the dense model's
+    inputs over the recipe's refit windows; adapruner.local.supernet) whose deepest candidate removes
+    ``max_removal`` of a layer's units (it decides OBS's removal order)."""
+
+    keep_counts: tuple[tuple[int, int, int], ...]
+    max_removal: float = 0.9
+
+    def __post_init__(self) -> None:
+        counts = tuple(tuple(int(v) for v in row) for row in self.keep_counts)
+        if not counts or any(len(row) != 3 for row in counts):
+            raise AdaPrunerError("an allocation needs [layer, attention units, MLP channels] for every layer")
+        object.__setattr__(self, "keep_counts", counts)
+
+    @property
+    def per_layer(self) -> dict[int, tuple[int, int]]:
+        return {layer: (attn, mlp) for layer, attn, mlp in self.keep_counts}
+
+    @property
+    def uniform(self) -> bool:
+        """Every layer keeps the same counts (a ``--uniform`` prune can express it)."""
+        return len(set(self.per_layer.values())) == 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"keep_counts": [list(row) for row in self.keep_counts], "max_removal": self.max_removal}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, where: str) -> Allocation | None:
+        return None if data is None else cls(**_known(cls, data, where, "allocation"))
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """A prune's three values, resolved once from its options; recorded in ``adapruner.json``."""
+
+    recipe: Recipe
+    runtime: Runtime = field(default_factory=Runtime)
+    allocation: Allocation | None = None
+
+    @classmethod
+    def from_method(cls, model: str, ratio: float, method: str | None = None, **options: Any) -> PruneConfig:
+        """The preset of ``method`` (see :mod:`adapruner.methods`), overridden by ``options``: the flat fields
+        of the three values (older spellings included, see :func:`one_spelling`)."""
+        return cls.from_flat({"model": model, "ratio": ratio} | with_method({"method": method} | one_spelling(options)))
+
+    @classmethod
+    def from_flat(cls, options: dict[str, Any]) -> PruneConfig:
+        """Sort flat options (a CLI's flags, an API call's keywords, a pre-split record) into the three
+        values; a name none of them has is a one-line error."""
+        runtime = {k: options[k] for k in field_names(Runtime) if k in options}
+        counts, max_removal = options.get("keep_counts"), options.get("max_removal")
+        unknown = sorted(set(options) - field_names(Recipe) - field_names(Runtime) - field_names(Allocation))
+        if unknown:
+            raise AdaPrunerError(f"unknown pruning option(s) {', '.join(unknown)}: see `adapruner prune --help`")
+        allocation = None
+        if counts is not None:
+            allocation = Allocation(counts) if max_removal is None else Allocation(counts, max_removal)
+        recipe = {k: options[k] for k in field_names(Recipe) if k in options}
+        return cls(Recipe(**recipe), Runtime(**runtime), allocation)
+
+    def to_dict(self) -> dict[str, Any]:
+        allocation = None if self.allocation is None else self.allocation.to_dict()
+        return {"recipe": self.recipe.to_dict(), "runtime": self.runtime.to_dict(), "allocation": allocation}
+
+    @property
+    def output_bias(self) -> str | None:
+        """What gives o_proj/down_proj a bias in the output (None: nothing): ``--uniform`` must express it."""
+        recipe = self.recipe
+        if self.allocation is not None:
+            return "the supernet's least-squares refit"
+        if recipe.refit_mode == "bias":
+            return "bias compensation (--refit bias)"
+        if recipe.refit_mode == "lsq" and recipe.refit_bias:
+            return "the least-squares refit (its bias)"
+        return None
+
+    def as_uniform(self, given: dict[str, Any]) -> PruneConfig:
+        """This recipe with every layer pruned alike (``--uniform``): a preset's cross-layer ranking becomes
+        ``layer`` (FLAP: its uniform UL-UM variant) and its layer range every layer. Options typed in
+        ``given`` that contradict it are one-line errors."""
+        if given.get("ranking") not in (None, "layer") or given.get("global_ranking"):
+            raise AdaPrunerError("--uniform prunes every layer alike: drop --ranking")
+        if given.get("depth_slope") or given.get("depth_bend"):
+            raise AdaPrunerError("--uniform prunes every layer alike: drop --depth-slope/--depth-bend")
+        if self.allocation is not None and not self.allocation.uniform:
+            raise AdaPrunerError(
+                "--uniform: this search's best trial keeps different counts per layer; search with --uniform"
+            )
+        layers = given.get("layers") or ("0:" if self.allocation is None else None)
+        recipe = replace(self.recipe, ranking="layer", layers=layers, depth_slope=0.0, depth_bend=0.0)
+        return replace(self, recipe=recipe)
+
+    def validate(self) -> None:
+        self.recipe.validate()
+        if self.recipe.uses_local_engine:
+            self.recipe.local_settings(self.runtime.refit_device)
+
+
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def _known(cls: type, data: dict[str, Any], where: str, what: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise AdaPrunerError(f"{where} is corrupted (its {what} is not a mapping): run the search again")
+    unknown = sorted(set(data) - field_names(cls))
+    if unknown:
+        raise AdaPrunerError(
+            f"{where} was written by a newer AdaPruner (unknown {what} fields {', '.join(unknown)}): upgrade adapruner"
+        )
+    return data
 
 
 OBS = "obs"  # structured OBS selection: a metric name that the local engine, not a score, implements

@@ -1,47 +1,54 @@
-"""``prune --from-run``: the recipe of a search's best trial, read from its ``best.json``.
+"""``prune --from-run``: the recipe and allocation of a search's best trial, read from its ``best.json``.
 
-A search writes the winning trial's :class:`PruneConfig` whole (``best["recipe"]``), so loading it is
-a plain load. Searches written before that store only the trial's search parameters; their recipe is
-rebuilt here key by key, as those versions of ``prune --from-run`` did.
+A search writes the winning trial's :class:`Recipe` and :class:`Allocation`, each by its own serialiser
+(``best["recipe"]``, ``best["allocation"]``), so loading them is a plain load. Older searches are still
+read: those of 2026-12-06 stored one flat recipe (runtime fields included), earlier ones only the trial's
+search parameters, from which the recipe is rebuilt key by key, as those versions of ``prune --from-run``
+did.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import AdaPrunerError
-from .config import FRESH_SEED, PruneConfig
-
-RUNTIME = ("model", "ratio", "dtype")  # what the user's prune decides, never the search
+from .config import FRESH_SEED, Allocation, PruneConfig, Recipe, Runtime, field_names
 
 
-def options_from_run(run_dir: Path) -> tuple[float, dict[str, Any], dict[str, Any]]:
-    """Ratio, PruneConfig options and the calibration pool subset of a search's best trial."""
+def recipe_from_run(run_dir: Path) -> tuple[Recipe, Allocation | None, dict[str, Any]]:
+    """The best trial's recipe (its model left empty: the prune's) and allocation, and what the search
+    read from its calibration pool."""
     path = Path(run_dir) / "best.json"
     if not path.is_file():
         raise AdaPrunerError(f"{run_dir} holds no finished search (best.json is missing): run `adapruner search` first")
     try:
         best = json.loads(path.read_text())
-        options = _stored_recipe(best, path) if "recipe" in best else _legacy_options(best)
+        if "allocation" in best:
+            recipe = Recipe.from_dict(best["recipe"], str(path))
+            allocation = Allocation.from_dict(best["allocation"], str(path))
+        else:
+            options = _flat_recipe(best, path) if "recipe" in best else _legacy_options(best)
+            cfg = PruneConfig.from_flat(options | {"model": "", "ratio": best["ratio"]})
+            recipe, allocation = cfg.recipe, cfg.allocation
         searched = {"pool": best["pool"], "subset": best["best"]["subset"], "run": str(run_dir)}
-        return float(best["ratio"]), options, searched
+        return replace(recipe, model="", ratio=float(best["ratio"])), allocation, searched
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise AdaPrunerError(f"{path} is corrupted ({exc}): run the search again") from None
 
 
-def _stored_recipe(best: dict[str, Any], path: Path) -> dict[str, Any]:
+def _flat_recipe(best: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The one flat recipe a search of 2026-12-06 stored, without what the prune decides."""
     if not isinstance(best["recipe"], dict):
         raise TypeError("its recipe is not a mapping")
-    known = {f.name for f in fields(PruneConfig)}
-    unknown = sorted(set(best["recipe"]) - known)
+    unknown = sorted(set(best["recipe"]) - field_names(Recipe) - field_names(Runtime) - field_names(Allocation))
     if unknown:
         raise AdaPrunerError(
             f"{path} was written by a newer AdaPruner (unknown recipe fields {', '.join(unknown)}): upgrade adapruner"
         )
-    return {k: v for k, v in best["recipe"].items() if k not in RUNTIME}
+    return {k: v for k, v in best["recipe"].items() if k not in field_names(Runtime) | {"model", "ratio"}}
 
 
 def _legacy_options(best: dict[str, Any]) -> dict[str, Any]:

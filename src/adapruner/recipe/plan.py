@@ -17,22 +17,14 @@ import torch
 from ..data import sample_mixture
 from ..importance import Importance, Statistics, collect_statistics, score_groups
 from ..local import local_prune
-from ..local.engine import write_refit
+from ..local.engine import LocalResult, write_refit
 from ..local.supernet import Supernet, SupernetSettings, build_supernet
 from ..models.base import ModelAdapter, get_adapter
 from ..models.groups import GroupSet, layer_groups
-from ..pruning.plan import (
-    Budget,
-    PrunePlan,
-    Scores,
-    allocation_offsets,
-    count_params,
-    parse_layer_range,
-    plan_from_scores,
-    solve_keep_counts,
-)
+from ..pruning.plan import Budget, PrunePlan, count_params, parse_layer_range, solve_keep_counts
+from ..pruning.ranking import Scores, allocation_offsets, plan_from_scores
 from .calibration import activation_statistics, refit_windows
-from .config import PruneConfig
+from .config import Allocation, Recipe, Runtime
 
 OUTPUTS = ("o_proj", "down_proj")  # the projections whose removed inputs bias compensation replaces
 
@@ -62,19 +54,27 @@ class PlanInputs:
     """Where a plan's inputs come from, drawn as ``adapruner prune`` draws them.
 
     ``samples``: the gradient samples (``--from-run`` passes the search's pool subset); None draws
-    ``num_samples`` windows of ``calibration``. Refit windows, layer groups and supernets are memoised, so
+    ``num_samples`` windows of ``calibration``. ``runtime``: how the passes run (batch size, offload,
+    checkpointing, the refit's device). Refit windows, layer groups and supernets are memoised, so
     a search's trials share them; a search overrides the statistics to read its caches.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, samples: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        samples: torch.Tensor | None = None,
+        runtime: Runtime | None = None,
+    ) -> None:
         self.model, self.tokenizer, self.samples = model, tokenizer, samples
+        self.runtime = runtime or Runtime()
         self._windows: dict[tuple, torch.Tensor] = {}
         self._groups: dict[tuple, GroupSet] = {}
         self._supernets: dict[tuple, Supernet] = {}
         self.supernet_seconds = 0.0  # the last supernet build (or load from disk); 0 when memoised
 
     def sample_statistics(
-        self, cfg: PruneConfig, metric: Importance, needs: frozenset[str], modules: list[str]
+        self, cfg: Recipe, metric: Importance, needs: frozenset[str], modules: list[str]
     ) -> tuple[Statistics, list[int] | None]:
         """Statistics of the calibration samples and which pool samples they were (None: not a pool)."""
         samples = self.samples
@@ -85,36 +85,43 @@ class PlanInputs:
             samples,
             modules,
             needs,
-            batch_size=cfg.batch_size or samples.shape[0],
-            offload=cfg.offload,
-            checkpointing=cfg.gradient_checkpointing,
+            batch_size=self.runtime.batch_size or samples.shape[0],
+            offload=self.runtime.offload,
+            checkpointing=self.runtime.gradient_checkpointing,
         )
         return stats, None
 
-    def activations(self, cfg: PruneConfig, modules: list[str]) -> Statistics:
+    def activations(self, cfg: Recipe, modules: list[str]) -> Statistics:
         """Activation statistics of ``activation_calibration`` fresh windows (forward passes only)."""
         windows = cfg.activation_calibration
         return activation_statistics(self.model, self.tokenizer, modules, cfg.calibration, windows, cfg.fresh_seed)
+
+    def run_local(self, cfg: Recipe, restore: bool, **target: Any) -> LocalResult:
+        """The layer-by-layer engine on the recipe's refit windows and the runtime's refit device; ``target``:
+        ``keep`` counts (structured OBS selects the units) or the ``plan`` whose kept weights it refits."""
+        settings = cfg.local_settings(self.runtime.refit_device)
+        windows = self.refit_windows(cfg)
+        return local_prune(self.model, windows, settings, head_mode=cfg.head_mode, restore=restore, **target)
 
     def groups(self, adapter: ModelAdapter, layers: tuple[int, int], head_mode: str) -> GroupSet:
         if (layers, head_mode) not in self._groups:
             self._groups[layers, head_mode] = layer_groups(adapter, list(range(*layers)), head_mode)
         return self._groups[layers, head_mode]
 
-    def refit_windows(self, cfg: PruneConfig) -> torch.Tensor:
+    def refit_windows(self, cfg: Recipe) -> torch.Tensor:
         """The layer-by-layer engine's windows: ``refit_calibration`` of ``calibration``."""
         key = _windows_key(cfg)
         if key not in self._windows:
             self._windows[key] = refit_windows(self.tokenizer, cfg)
         return self._windows[key]
 
-    def supernet(self, cfg: PruneConfig) -> Supernet:
+    def supernet(self, cfg: Recipe, max_removal: float) -> Supernet:
         """Every layer's candidates on the refit windows (also cached on disk by ``build_supernet``)."""
-        key = (*_windows_key(cfg), cfg.refit_damping, cfg.max_removal, cfg.head_mode)
+        key = (*_windows_key(cfg), cfg.refit_damping, max_removal, cfg.head_mode)
         self.supernet_seconds = 0.0
         if key not in self._supernets:
             clock = time.perf_counter()
-            settings = SupernetSettings(damping=cfg.refit_damping, max_removal=cfg.max_removal)
+            settings = SupernetSettings(damping=cfg.refit_damping, max_removal=max_removal)
             layers = list(range(get_adapter(self.model).num_layers))
             windows = self.refit_windows(cfg)
             self._supernets[key] = build_supernet(self.model, windows, layers, settings, cfg.head_mode)
@@ -122,27 +129,32 @@ class PlanInputs:
         return self._supernets[key]
 
 
-def _windows_key(cfg: PruneConfig) -> tuple:
+def _windows_key(cfg: Recipe) -> tuple:
     """What decides a recipe's refit windows (and so a supernet built on them)."""
     return cfg.calibration, cfg.refit_calibration, cfg.fresh_seed
 
 
-def plan_recipe(model: torch.nn.Module, cfg: PruneConfig, inputs: PlanInputs, *, restore: bool = False) -> Planned:
-    """The plan ``cfg`` gives on ``model``: a per-layer allocation assembled from the supernet, structured
+def plan_recipe(
+    model: torch.nn.Module,
+    cfg: Recipe,
+    inputs: PlanInputs,
+    allocation: Allocation | None = None,
+    *,
+    restore: bool = False,
+) -> Planned:
+    """The plan ``cfg`` gives on ``model``: a per-layer ``allocation`` assembled from the supernet, structured
     OBS at the budget's per-layer rates, or a metric's scores cut under the budget (then bias
     compensation or a least-squares refit if the recipe asks). With ``restore`` the model's weights are
     left as they were and any refit is returned; otherwise refits are written into ``model``."""
     adapter = get_adapter(model)
     dense_params = count_params(model)
-    if cfg.keep_counts is not None:
-        return _assemble(model, cfg, inputs, dense_params, restore)
+    if allocation is not None:
+        return _assemble(model, cfg, allocation, inputs, dense_params, restore)
     layers = parse_layer_range(cfg.layers, adapter.num_layers)
     budget = cfg.budget(layers)
     if cfg.local_selection:
         keep = solve_keep_counts(adapter, budget, dense_params)
-        local = local_prune(
-            model, inputs.refit_windows(cfg), cfg.local_settings(), keep=keep, head_mode=cfg.head_mode, restore=restore
-        )
+        local = inputs.run_local(cfg, restore, keep=keep)
         return _with_local(Planned(local.plan, layers, dense_params), local, restore)
     scores, stats, subset = recipe_scores(model, cfg, inputs, layers)
     plan = plan_for_scores(model, scores, budget, cfg)
@@ -150,14 +162,12 @@ def plan_recipe(model: torch.nn.Module, cfg: PruneConfig, inputs: PlanInputs, *,
     planned = Planned(plan, layers, dense_params, input_means=means, subset=subset)
     if not cfg.uses_local_engine:
         return planned
-    local = local_prune(
-        model, inputs.refit_windows(cfg), cfg.local_settings(), plan=plan, head_mode=cfg.head_mode, restore=restore
-    )
+    local = inputs.run_local(cfg, restore, plan=plan)
     return _with_local(planned, local, restore)
 
 
 def recipe_scores(
-    model: torch.nn.Module, cfg: PruneConfig, inputs: PlanInputs, layers: tuple[int, int]
+    model: torch.nn.Module, cfg: Recipe, inputs: PlanInputs, layers: tuple[int, int]
 ) -> tuple[Scores, Statistics, list[int] | None]:
     """The recipe's metric over every group of ``layers``, with the statistics it read and which pool
     samples they were (``adapruner importance`` stops here; a plan cuts these scores under the budget)."""
@@ -169,7 +179,7 @@ def recipe_scores(
 
 
 def statistics(
-    cfg: PruneConfig, metric: Importance, inputs: PlanInputs, modules: list[str]
+    cfg: Recipe, metric: Importance, inputs: PlanInputs, modules: list[str]
 ) -> tuple[Statistics, list[int] | None]:
     """What the metric (and bias compensation) reads: the calibration samples' statistics, with the
     activations from fresh windows instead where the recipe asks for them."""
@@ -189,7 +199,7 @@ def with_activations(stats: Statistics, acts: Statistics) -> Statistics:
     return replace(stats, act_sum=acts.act_sum, act_sq=acts.act_sq, tokens=acts.tokens, per_sample=False, sample={})
 
 
-def plan_for_scores(model: torch.nn.Module, scores: Scores, budget: Budget, cfg: PruneConfig) -> PrunePlan:
+def plan_for_scores(model: torch.nn.Module, scores: Scores, budget: Budget, cfg: Recipe) -> PrunePlan:
     """The units the scores keep under the budget, ranked as the recipe says."""
     adapter = get_adapter(model)
     keep = solve_keep_counts(adapter, budget, count_params(model))
@@ -209,13 +219,14 @@ def _with_local(planned: Planned, local, restore: bool) -> Planned:
     return planned
 
 
-def _assemble(model: torch.nn.Module, cfg: PruneConfig, inputs: PlanInputs, dense_params: int, restore: bool):
-    """A per-layer allocation (``keep_counts``) from the supernet's candidates: OBS order, refit weights."""
+def _assemble(
+    model: torch.nn.Module, cfg: Recipe, allocation: Allocation, inputs: PlanInputs, dense_params: int, restore: bool
+):
+    """A per-layer allocation from the supernet's candidates: OBS order, refit weights."""
     adapter = get_adapter(model)
     clock = time.perf_counter()
-    net = inputs.supernet(cfg)
-    counts = {int(layer): (int(attn), int(mlp)) for layer, attn, mlp in cfg.keep_counts}
-    plan, refits = net.assemble(adapter, counts, cfg.head_mode)
+    net = inputs.supernet(cfg, allocation.max_removal)
+    plan, refits = net.assemble(adapter, allocation.per_layer, cfg.head_mode)
     if not restore:
         for name, refit in refits.items():
             write_refit(model.get_submodule(name), refit)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,8 @@ from ..pruning.plan import PrunePlan, count_params, parse_layer_range, rate_summ
 from ..pruning.stock import check_stock_possible, make_stock
 from ..util import log, versions
 from .calibration import check_calibration
-from .config import PruneConfig
-from .from_run import options_from_run
+from .config import PruneConfig, Runtime, field_names
+from .from_run import recipe_from_run
 from .plan import PlanInputs, plan_recipe
 
 
@@ -49,25 +49,32 @@ def timed(timings: dict[str, float], step: str) -> Iterator[None]:
 def resolve_config(
     model: str, ratio: float | None, options: dict[str, Any], from_run: str | Path | None
 ) -> tuple[PruneConfig, dict[str, Any] | None]:
-    """The validated recipe of a prune: a method's preset overridden by ``options``, or a search's best
-    trial (``from_run``; only ``dtype`` may be added), with what the search read from its pool."""
+    """The validated configuration of a prune: a method's preset overridden by ``options``, or a search's
+    best trial (``from_run``: its recipe and allocation, with the runtime of ``options``), with what the
+    search read from its pool."""
     searched = None
     if from_run is not None:
-        if options.get("method") is not None:
-            raise AdaPrunerError("--method and --from-run exclude each other: give one of them")
-        ratio, run_options, searched = options_from_run(Path(from_run))
-        if options.get("uniform") and not run_options["uniform"]:
-            raise AdaPrunerError(
-                f"--uniform: the search in {from_run} was not uniform: run `adapruner search --uniform` first"
-            )
-        options = run_options | {k: v for k, v in options.items() if k == "dtype"}
-    if ratio is None:
+        cfg, searched = _from_run(model, options, Path(from_run))
+    elif ratio is None:
         raise AdaPrunerError("give --ratio (or --from-run RUN_DIR)")
-    cfg = PruneConfig.from_method(model, ratio, **options)
-    if cfg.uniform:
-        cfg = cfg.as_uniform(options)
+    else:
+        cfg = PruneConfig.from_method(model, ratio, **options)
+    if cfg.recipe.uniform:
+        cfg = cfg.as_uniform(options if from_run is None else cfg.recipe.to_dict())
     cfg.validate()
     return cfg, searched
+
+
+def _from_run(model: str, options: dict[str, Any], run_dir: Path) -> tuple[PruneConfig, dict[str, Any]]:
+    if options.get("method") is not None:
+        raise AdaPrunerError("--method and --from-run exclude each other: give one of them")
+    recipe, allocation, searched = recipe_from_run(run_dir)
+    if options.get("uniform") and not recipe.uniform:
+        raise AdaPrunerError(
+            f"--uniform: the search in {run_dir} was not uniform: run `adapruner search --uniform` first"
+        )
+    runtime = Runtime(**{k: v for k, v in options.items() if k in field_names(Runtime)})
+    return PruneConfig(replace(recipe, model=model), runtime, allocation), searched
 
 
 def prune(
@@ -82,7 +89,7 @@ def prune(
 ) -> PruneResult:
     """Prune ``model`` (asset name, local dir or hub id) by ``ratio`` of its parameters.
 
-    ``options`` are the fields of :class:`PruneConfig` (metric, calibration, layers, ...); with
+    ``options`` are the fields of the recipe and runtime (metric, calibration, layers, dtype, ...); with
     ``method="flap"`` (or another name of :mod:`adapruner.methods`) they override that baseline's preset. With
     ``from_run`` the configuration (and the exact calibration samples) of a search's best trial are used.
     With ``output`` the pruned model is saved as an HF directory plus ``adapruner.json``.
@@ -94,26 +101,28 @@ def prune(
     subset = searched["subset"] if searched is not None else None  # None: the trial read no pool sample
     with timed(timings, "check"):  # the calibration sizes, before minutes of loading and scoring
         tokenizer = load_tokenizer(model)
-        cfg = check_calibration(tokenizer, cfg, samples_given=subset is not None)
+        recipe = check_calibration(tokenizer, cfg.recipe, cfg.allocation, samples_given=subset is not None)
+        cfg = replace(cfg, recipe=recipe)
     with timed(timings, "load"):
-        hf_model = load_causal_lm(model, cfg.dtype, device_map)
+        hf_model = load_causal_lm(model, cfg.runtime.dtype, device_map)
     dense_shapes = get_adapter(hf_model).layer_shapes()
-    if cfg.uniform:
+    if recipe.uniform:
         check_uniform(get_adapter(hf_model), cfg)
     samples = None
     if subset is not None:
         spec = searched["pool"]
         pool = build_pool(tokenizer, spec["sources"], spec["per_source"], spec["seq_len"], spec["seed"])
-        samples = pool.truncated(cfg.seq_len).input_ids[subset]
+        samples = pool.truncated(recipe.seq_len).input_ids[subset]
     with timed(timings, "plan"):  # scoring, and the layer-by-layer refit (its share logged apart)
-        planned = plan_recipe(hf_model, cfg, PlanInputs(hf_model, tokenizer, samples))
+        inputs = PlanInputs(hf_model, tokenizer, samples, cfg.runtime)
+        planned = plan_recipe(hf_model, recipe, inputs, cfg.allocation)
     if planned.refit_seconds:
         timings["refit"] = round(planned.refit_seconds, 2)
         timings["plan"] = round(timings["plan"] - timings["refit"], 2)
         log(f"of which refit: {timings['refit']:.1f}s")
     with timed(timings, "prune"):
         prune_physically(get_adapter(hf_model), planned.plan, input_means=planned.input_means)
-        if cfg.uniform:
+        if recipe.uniform:
             make_stock(get_adapter(hf_model))
     log(f"pruned: {rate_summary(planned.plan, dense_shapes)}" + (f"; see adapruner info {output}" if output else ""))
     record = _record(hf_model, model, cfg, planned, searched)
@@ -128,14 +137,14 @@ def _record(hf_model, model: str, cfg: PruneConfig, planned, searched) -> dict[s
     """``adapruner.json``: what was pruned, how, and what it gave."""
     pruned_params = count_params(hf_model)
     return {
-        "format": 1,
+        "format": 2,  # 2: recipe, runtime and allocation (1, before 2026-12-07: one flat "config")
         "source_model": model,
         "model_type": hf_model.config.model_type,
-        "target_ratio": cfg.ratio,
+        "target_ratio": cfg.recipe.ratio,
         "achieved_ratio": 1 - pruned_params / planned.dense_params,
         "params": {"dense": planned.dense_params, "pruned": pruned_params},
         "layer_range": list(planned.layers),
-        "config": asdict(cfg),
+        **cfg.to_dict(),
         "search": searched,
         "local": planned.local,
         "layer_shapes": [s.to_dict() for s in planned.plan.shapes()],
@@ -148,6 +157,6 @@ def _record(hf_model, model: str, cfg: PruneConfig, planned, searched) -> dict[s
 def check_uniform(adapter: ModelAdapter, cfg: PruneConfig) -> None:
     """Before any work: ``--uniform`` prunes every layer, and the output's biases fit the stock config."""
     every = (0, adapter.num_layers)
-    if cfg.keep_counts is None and parse_layer_range(cfg.layers, adapter.num_layers) != every:
+    if cfg.allocation is None and parse_layer_range(cfg.recipe.layers, adapter.num_layers) != every:
         raise AdaPrunerError(f"--uniform prunes every layer alike: drop --layers (or give 0:{adapter.num_layers})")
     check_stock_possible(adapter, cfg.output_bias)

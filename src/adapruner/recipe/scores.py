@@ -3,7 +3,6 @@ statistics of a calibration pool (``adapruner pool``)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +28,17 @@ def score_importance(
     """
     cfg = PruneConfig.from_method(model, ratio, **options)
     cfg.validate()
+    recipe = cfg.recipe
     tokenizer = load_tokenizer(model)
-    check_calibration(tokenizer, cfg, refit=False)
-    hf_model = load_causal_lm(model, cfg.dtype, device_map)
-    layers = parse_layer_range(cfg.layers, get_adapter(hf_model).num_layers)
-    scores, _, _ = recipe_scores(hf_model, cfg, PlanInputs(hf_model, tokenizer), layers)
-    plan = plan_for_scores(hf_model, scores, cfg.budget(layers), cfg)
+    check_calibration(tokenizer, recipe, refit=False)
+    hf_model = load_causal_lm(model, cfg.runtime.dtype, device_map)
+    layers = parse_layer_range(recipe.layers, get_adapter(hf_model).num_layers)
+    scores, _, _ = recipe_scores(hf_model, recipe, PlanInputs(hf_model, tokenizer, runtime=cfg.runtime), layers)
+    plan = plan_for_scores(hf_model, scores, recipe.budget(layers), recipe)
     report = {
         "model": model,
-        "config": asdict(cfg),
-        "units": {"attention": "query head" if cfg.head_mode == "query" else cfg.head_mode, "mlp": "channel"},
+        **cfg.to_dict(),
+        "units": {"attention": "query head" if recipe.head_mode == "query" else recipe.head_mode, "mlp": "channel"},
         "scores": {f"{layer}.{kind}": v.tolist() for (layer, kind), v in scores.items()},
         "plan": plan.to_dict(),
         "versions": versions(),

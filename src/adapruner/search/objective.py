@@ -28,7 +28,7 @@ from ..models import get_adapter
 from ..models.groups import attention_group, mlp_group
 from ..pruning import Budget, masked
 from ..pruning.plan import count_params, default_layer_range, solve_keep_counts
-from ..recipe import FRESH_SEED, PlanInputs, Planned, PruneConfig, parse_windows, plan_recipe
+from ..recipe import FRESH_SEED, Allocation, PlanInputs, Planned, Recipe, parse_windows, plan_recipe
 from .evolution import PER_LAYER, AllocationBudget, Counts, LayerLimits
 from .space import (
     SearchSpace,
@@ -95,8 +95,9 @@ class Objective:
             self.caches[seq_len].per_sample()
         return self.caches[seq_len]
 
-    def recipe_for(self, config: TrialConfig) -> PruneConfig:
-        """A trial's recipe: the one its ``prune --from-run`` loads from ``best.json`` (model and dtype aside)."""
+    def recipe_for(self, config: TrialConfig) -> tuple[Recipe, Allocation | None]:
+        """A trial's recipe and allocation: what its ``prune --from-run`` loads from ``best.json`` (the model
+        and the runtime are the prune's)."""
         fresh = None if config.activation_calibration == "pool" else config.activation_calibration
         options = {
             "metric": config.metric,
@@ -120,16 +121,24 @@ class Objective:
             "uniform": self.space.uniform,
             "align": self.space.align,
         }
+        allocation = None
         if config.allocation == PER_LAYER:
-            options |= {"keep_counts": [list(c) for c in config.counts], "layers": None}
-            options["max_removal"] = self.space.max_removal
-        return PruneConfig(model="", ratio=self.ratio, **options)
+            options["layers"] = None
+            allocation = Allocation(config.counts, self.space.max_removal)
+        return Recipe(model="", ratio=self.ratio, **options), allocation
+
+    def stored_recipe(self, config: TrialConfig) -> dict[str, Any]:
+        """A trial's recipe and allocation, each by its own serialiser: what ``best.json`` stores for
+        ``prune --from-run`` (and every trial as its user attribute ``from_run``)."""
+        recipe, allocation = self.recipe_for(config)
+        return {"recipe": recipe.to_dict(), "allocation": None if allocation is None else allocation.to_dict()}
 
     def plan_for(self, config: TrialConfig) -> Planned:
         """The plan a trial's recipe gives, by the path ``adapruner prune`` takes (:func:`plan_recipe`), on
         this search's cached statistics, shared fresh windows and memoised supernets; the model's
         weights are left as they were (refits come back in ``refits``)."""
-        return plan_recipe(self.model, self.recipe_for(config), self.inputs.for_trial(config), restore=True)
+        recipe, allocation = self.recipe_for(config)
+        return plan_recipe(self.model, recipe, self.inputs.for_trial(config), allocation, restore=True)
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran (or abandoned) it
@@ -145,7 +154,7 @@ class Objective:
             if trial.params == params:
                 trial.set_user_attr("warm_start", name)
         trial.set_user_attr("config", config.to_dict())
-        trial.set_user_attr("recipe", asdict(self.recipe_for(config)))  # what `prune --from-run` loads
+        trial.set_user_attr("from_run", self.stored_recipe(config))
         earlier = _same_config(trial, config)
         if earlier is not None:  # e.g. TPE proposing a point it has already measured: reuse, do not re-run
             for key in ("subset", "kept"):
@@ -237,13 +246,13 @@ class SearchInputs(PlanInputs):
         self.window = config.window  # the pool quantile window the subset is drawn from
         return self
 
-    def sample_statistics(self, cfg: PruneConfig, metric: Importance, needs: frozenset[str], modules: list[str]):
+    def sample_statistics(self, cfg: Recipe, metric: Importance, needs: frozenset[str], modules: list[str]):
         cache = self.objective.cache_for(cfg.seq_len)
         sources = split_sources(cfg.calibration)
         subset = cache.pool.select(cfg.num_samples, sources=sources, window=self.window, seed=cfg.seed)
         return cache.statistics_for(subset, metric), subset
 
-    def activations(self, cfg: PruneConfig, modules: list[str]) -> Statistics:
+    def activations(self, cfg: Recipe, modules: list[str]) -> Statistics:
         key = (cfg.calibration, cfg.activation_calibration)
         if key not in self._fresh:
             if self.tokenizer is None:

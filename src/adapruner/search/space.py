@@ -20,7 +20,8 @@ from ..data.calibration import split_sources
 from ..errors import AdaPrunerError
 from ..importance import AGGREGATIONS, METRICS, get_metric
 from ..methods import FLAP_CALIBRATION, LLM_PRUNER_RECIPE, get_method
-from ..pruning.plan import MAX_DEPTH_PARAM, RANKINGS
+from ..pruning.plan import MAX_DEPTH_PARAM
+from ..pruning.ranking import RANKINGS
 from ..recipe import parse_windows
 from ..util import read_options_file
 

@@ -271,6 +271,12 @@ def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return finished[0] if finished and finished[0].number == 0 else None
 
 
+def _recipe_of(trial: optuna.trial.FrozenTrial, objective: Objective) -> dict[str, Any]:
+    """The trial's recipe and allocation as ``prune --from-run`` loads them; a trial of a study begun by an
+    older version did not store them, and they are rebuilt from its configuration."""
+    return trial.user_attrs.get("from_run") or objective.stored_recipe(TrialConfig(**trial.user_attrs["config"]))
+
+
 def _write_outputs(
     study,
     objective: Objective,
@@ -299,10 +305,7 @@ def _write_outputs(
             "params": best.params,
             "kept": best.user_attrs.get("kept"),
         },
-        # the winner's recipe whole, as `prune --from-run` loads it (model and dtype are the prune's); trials
-        # of a study begun by an older version did not store it
-        "recipe": best.user_attrs.get("recipe")
-        or asdict(objective.recipe_for(TrialConfig(**best.user_attrs["config"]))),
+        **_recipe_of(best, objective),
         "baseline": {"trial": baseline.number, "value": baseline.value},
         "warm_starts": {
             t.user_attrs["warm_start"]: {"trial": t.number, "value": t.value}
