@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -41,7 +42,13 @@ def test_prune_info_evaluate_roundtrip(tiny_model_dir):
     assert record["layer_shapes"][0] == {"num_attention_heads": 6, "num_key_value_heads": 2, "intermediate_size": 40}
     assert record["params"]["pruned"] < record["params"]["dense"]
     assert abs(record["achieved_ratio"] - 0.15) < 0.03
-    assert run("info", root / "out").exit_code == 0
+    shown = run("info", root / "out")
+    assert shown.exit_code == 0 and '"recipe"' in shown.output and '"metric": "element1"' in shown.output
+    # a directory written before 2026-12-07 (format 1: one flat "config") still loads and shows its config
+    old = {k: v for k, v in record.items() if k not in ("recipe", "runtime", "allocation")}
+    (root / "out" / "adapruner.json").write_text(json.dumps(old | {"format": 1, "config": record["recipe"]}))
+    shown = run("info", root / "out")
+    assert shown.exit_code == 0 and '"config"' in shown.output and '"metric": "element1"' in shown.output
     result = run(
         "evaluate", root / "out", "--ppl", root / "corpus.txt", "--seq-len", "16,32", "--output", root / "eval.json"
     )
@@ -255,12 +262,11 @@ def test_default_refit_windows_fit_a_source_of_short_documents(tiny_model_dir):
 def test_too_small_calibration_fails_before_the_weights_load(tiny_model_dir, monkeypatch, extra, message):
     """Every window draw is checked on the tokenizer alone: the one-line error names the option to change,
     and no weights are loaded (a real model would have loaded and scored for minutes first)."""
-    from adapruner import api
-
     def no_weights(*args, **kwargs):
         raise AssertionError("the weights were loaded before the calibration was checked")
 
-    monkeypatch.setattr(api, "load_causal_lm", no_weights)
+    prune_room = importlib.import_module("adapruner.recipe.prune")  # the module (the package exports the function)
+    monkeypatch.setattr(prune_room, "load_causal_lm", no_weights)
     root = tiny_model_dir
     extra = [arg.format(corpus=root / "corpus.txt") for arg in extra]
     result = run(*prune_args(root, "--output", root / "out"), *extra)

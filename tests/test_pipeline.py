@@ -82,7 +82,7 @@ def test_run_does_every_stage_once_and_reports(tiny_model_dir, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    for name in ("adapruner.api.evaluate", "adapruner.api.prune", "adapruner.recovery.finetune"):
+    for name in ("adapruner.api.evaluate", "adapruner.api.prune", "adapruner.pipeline.finetune"):
         monkeypatch.setattr(name, fail)
     run(cfg, root / "run")
     assert json.loads((root / "run" / "stages.json").read_text()) == times

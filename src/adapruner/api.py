@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from .data.sources import ALL_OFFLINE
 from .errors import AdaPrunerError
 from .evaluation.compare import compare_table
 from .evaluation.run import evaluate as evaluate
@@ -26,6 +24,7 @@ from .recipe import Runtime as Runtime
 from .recipe import prune as prune
 from .recipe.scores import build_calibration_pool as build_calibration_pool
 from .recipe.scores import score_importance as score_importance
+from .recovery import finetune as finetune
 
 
 def load_pruned(directory: str | Path, dtype: str = "float32", device_map: str | None = None) -> torch.nn.Module:
@@ -38,28 +37,6 @@ def compare(paths: list[str | Path] | tuple[str | Path, ...], *, reference: str 
     """A markdown table of ``evaluate`` result files: one row each, retention against the reference (default:
     the first file, the dense model). See :func:`adapruner.evaluation.compare.compare_table`."""
     return compare_table(paths, reference=reference)
-
-
-def finetune(
-    model_dir: str | Path,
-    data: str | Path = ALL_OFFLINE,
-    output: str | Path | None = None,
-    *,
-    overwrite: bool = False,
-    checkpoint_dir: str | Path | None = None,
-    **options: Any,
-):
-    """Recover a pruned model: distillation from its dense model (or LM loss), LoRA or every parameter.
-
-    ``options`` are the fields of :class:`adapruner.recovery.FinetuneConfig` (loss, teacher, full, tokens,
-    lr, teacher_cache, ...); ``data`` is a text source or a comma-separated mix (default: the four offline
-    sources), ``alpaca`` or a local Alpaca .json/.jsonl file. The result is merged and saved like a pruned
-    model; returns a :class:`adapruner.recovery.FinetuneResult`. Rerunning an interrupted call resumes.
-    The training stack (Trainer, peft) loads only when this is called.
-    """
-    from .recovery import finetune as run_finetune
-
-    return run_finetune(model_dir, data, output, overwrite=overwrite, checkpoint_dir=checkpoint_dir, **options)
 
 
 def info(directory: str | Path) -> dict:

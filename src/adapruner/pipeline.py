@@ -17,14 +17,23 @@ from typing import Any
 
 import yaml
 
+from . import api
+from .api import compare
 from .data.pool import DEFAULT_POOL_PER_SOURCE
 from .data.sources import ALL_OFFLINE, OFFLINE_SOURCES
 from .data.tasks import TASKS
 from .errors import AdaPrunerError
-from .export import default_gguf_name
+from .evaluation.zeroshot import check_request
+from .export import check_export_request, default_gguf_name
 from .files import write_json_atomic, write_text_atomic
 from .methods import LLM_PRUNER_RECIPE
 from .pruning.io import read_record
+from .pruning.plan import Budget
+from .recovery import finetune
+from .recovery.config import FinetuneConfig
+from .search import search
+from .search.objective import SCORES
+from .search.space import SearchSpace
 from .stages import Stages
 from .util import log, read_options_file
 
@@ -74,15 +83,10 @@ class RunConfig:
     export_quant: str = "f16"
 
     def validate(self) -> None:
-        from .pruning.plan import Budget
-        from .recovery.config import FinetuneConfig
-
         Budget(self.ratio)
         if self.trials < 1:
             raise AdaPrunerError(f"--trials {self.trials}: give at least 1")
         self.space()
-        from .search.objective import SCORES
-
         if self.objective not in SCORES:
             raise AdaPrunerError(f"unknown objective '{self.objective}': choose one of {', '.join(SCORES)}")
         try:
@@ -91,12 +95,8 @@ class RunConfig:
         except TypeError as exc:
             raise AdaPrunerError(f"unknown fine-tuning option in the run config: {exc}") from None
         if self.export is not None:
-            from .export import check_export_request
-
             check_export_request(self.export, self.export_quant)
         if self.tasks:
-            from .evaluation.zeroshot import check_request
-
             check_request(self.tasks, self.limit)
 
     def recovery_options(self, baseline: bool) -> dict[str, Any]:
@@ -105,8 +105,6 @@ class RunConfig:
 
     def space(self) -> Any:
         """The SearchSpace: ``search_space`` fields, with ``uniform`` on if the run is uniform."""
-        from .search.space import SearchSpace
-
         fixed = ({"uniform": True} if self.uniform else {}) | ({"align": self.align} if self.align != 1 else {})
         return SearchSpace(**(self.search_space | fixed))
 
@@ -130,10 +128,6 @@ def load_run_config(path: str | Path | None, **overrides: Any) -> RunConfig:
 
 def run(cfg: RunConfig, output: str | Path) -> dict[str, Any]:
     """The whole AdaPruner pipeline into ``output``; returns the paths of the evaluation files."""
-    from . import api
-    from .recovery import finetune
-    from .search import search
-
     run_dir = Path(output)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
@@ -195,8 +189,6 @@ def run(cfg: RunConfig, output: str | Path) -> dict[str, Any]:
 
 def recovery_label(options: dict[str, Any]) -> str:
     """How a recovered model is named in the report: LoRA (LM loss, LLM-Pruner's), KD, KD-LoRA, KD+LM..."""
-    from .recovery.config import FinetuneConfig
-
     cfg = FinetuneConfig(**options)
     if cfg.loss == "lm" or cfg.teacher == "none":
         return "full LM" if cfg.full else "LoRA"
@@ -216,8 +208,6 @@ def _search_stage(stages: Stages, search_dir: Path, cfg: RunConfig, action) -> N
 
 
 def _evaluate(cfg: RunConfig, location: str, path: Path, label: str) -> None:
-    from . import api
-
     results = api.evaluate(
         location,
         ppl=cfg.ppl,
@@ -239,8 +229,6 @@ def write_report(
     run_dir: Path, cfg: RunConfig, evaluations: dict[str, str], times: dict[str, float], models: dict[str, str]
 ) -> None:
     """``report.md`` and a self-contained ``report.html``: comparison, stage times, search plots."""
-    from .api import compare
-
     table = compare(list(evaluations.values()))
     search_dir = run_dir / "search"
     lines = [

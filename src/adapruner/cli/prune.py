@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from .. import api
 from .app import app, out, user_errors
 from .options import (
     REFITTING,
@@ -55,8 +56,6 @@ def prune(
     **options: Any,
 ) -> None:
     """Prune MODEL by RATIO of its parameters and save a loadable HF directory (and a GGUF with --export gguf)."""
-    from .. import api
-
     check_export(export, quant)
     device_map = options.pop("device_map")
     options = config_options(options)
@@ -90,8 +89,6 @@ def importance(
     **options: Any,
 ) -> None:
     """Score every prunable group of MODEL and save the scores (and the plan RATIO would give) as JSON."""
-    from .. import api
-
     device_map = options.pop("device_map")
     report = api.score_importance(model, ratio, output=output, device_map=device_map, **config_options(options))
     out.print(f"scores of {len(report['scores'])} groups written to {output}")
@@ -110,8 +107,6 @@ def pool(
     dtype: Dtype = "float32",
 ) -> None:
     """Build a calibration pool and its per-sample statistics (dense loss, gradient norm), cached on disk."""
-    from .. import api
-
     built = api.build_calibration_pool(
         model, calibration, per_source=per_source, seq_len=seq_len, seed=seed, layers=layers, output=output, dtype=dtype
     )

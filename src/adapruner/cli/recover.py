@@ -8,13 +8,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from .. import api
 from ..data.sources import ALL_OFFLINE
+from ..recovery.config import FinetuneConfig
 from .app import app, out, split_list, user_errors
 
 
 def _finetune_defaults():
-    from ..recovery.config import FinetuneConfig
-
     return FinetuneConfig()
 
 
@@ -106,8 +106,6 @@ def finetune(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
     """Recover a pruned model by distillation from its dense model (or LM loss), merge and save; rerun to resume."""
-    from .. import api
-
     options = {k: v for k, v in locals().items() if k not in {"model_dir", "data", "output", "overwrite", "api"}}
     checkpoint_dir = options.pop("checkpoint_dir")
     if target_modules is not None:

@@ -9,8 +9,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from .. import api
 from ..data.sources import ALL_OFFLINE
 from ..errors import AdaPrunerError
+from ..export import gguf_layers
+from ..files import write_text_atomic
 from .app import app, out, split_list, user_errors
 from .options import Quant, print_export
 
@@ -38,8 +41,6 @@ def evaluate(
     output: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
 ) -> None:
     """Perplexity over non-overlapping windows of each source's test split; zero-shot accuracy with --tasks."""
-    from .. import api
-
     try:
         lengths = [int(x) for x in split_list(seq_len)]
     except ValueError:
@@ -84,9 +85,6 @@ def compare(
     output: Annotated[Path | None, typer.Option(help="Also write the markdown table here.")] = None,
 ) -> None:
     """Markdown table of evaluation results, one row per file, with retention (%) of the reference."""
-    from .. import api
-    from ..files import write_text_atomic
-
     table = api.compare(results, reference=reference)
     print(table, end="")
     if output is not None:
@@ -106,8 +104,6 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
     """Write a model as GGUF for llama.cpp: per-layer widths as its `deci` architecture."""
-    from .. import api
-
     result = api.export(
         model_dir, output, format=format, quant=quant, tokenizer_gguf=tokenizer_gguf, overwrite=overwrite
     )
@@ -115,8 +111,6 @@ def export(
 
 
 def _gguf_info(path: Path) -> None:
-    from ..export import gguf_layers
-
     summary = gguf_layers(path)
     layers = {k: summary.pop(k) for k in ("heads", "kv_heads", "channels")}
     out.print_json(json.dumps(summary))
@@ -134,8 +128,6 @@ def info(
     directory: Annotated[Path, typer.Argument(help="A directory written by `adapruner prune`, or a .gguf file.")],
 ) -> None:
     """Show what was pruned: source, ratios, per-layer sizes, the recipe and allocation (or a GGUF's widths)."""
-    from .. import api
-
     if directory.suffix == ".gguf":
         _gguf_info(directory)
         return

@@ -8,8 +8,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from .. import api
 from ..data.pool import DEFAULT_POOL_PER_SOURCE
 from ..data.sources import ALL_OFFLINE
+from ..pipeline import load_run_config, run
+from ..search import SearchSpace, load_space
+from ..search import search as run_search
+from ..search.space import RECIPE
 from .app import app, out, split_list, user_errors
 from .options import (
     Dtype,
@@ -70,10 +75,6 @@ def search(
     quant: Quant = "f16",
 ) -> None:
     """Search calibration data x importance metric x allocation with TPE; rerun to continue."""
-    from ..search import SearchSpace, load_space
-    from ..search import search as run_search
-    from ..search.space import RECIPE
-
     check_export(export, quant)
     overrides = {
         "space": space,
@@ -121,8 +122,6 @@ def search(
     if export is None:
         out.print(f"prune with it: adapruner prune {model} --from-run {output} --output DIR")
         return
-    from .. import api
-
     pruned = output / "pruned"
     api.prune(model, from_run=output, output=pruned, overwrite=True, dtype=dtype)
     out.print(f"pruned the best trial into {pruned}")
@@ -205,8 +204,6 @@ def run_pipeline(
 
     Every option of `adapruner search` is here too (the search's space as --space/--sources/--metrics or a
     YAML `search_space`); flags win over --config."""
-    from ..pipeline import load_run_config, run
-
     space_flags = {"space": space, "sources": split_list(sources) if sources else None}
     space_flags["metrics"] = split_list(metrics) if metrics else None
     cfg = load_run_config(

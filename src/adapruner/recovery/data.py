@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.sources import _hub_disabled, is_connection_error, load_documents
 from ..errors import AdaPrunerError, OfflineError
 
 ALPACA_HUB = "yahma/alpaca-cleaned"
@@ -168,8 +169,6 @@ def _check_record(where: str, row: Any) -> dict[str, str]:
 
 def load_alpaca_hub() -> list[dict[str, str]]:
     """``yahma/alpaca-cleaned`` from the hub (optional ``datasets`` package)."""
-    from ..data.sources import _hub_disabled, is_connection_error
-
     hint = "pass a local Alpaca .json/.jsonl file (or a text source such as wiki) with --data"
     if _hub_disabled():
         raise OfflineError(f"{ALPACA_HUB} cannot be downloaded (the Hugging Face hub is offline): {hint}")
@@ -281,8 +280,6 @@ def _instruction_data(
 
 
 def _text_data(source: str, tokenizer: Any, cutoff_len: int, val_set_size: int) -> TrainingData:
-    from ..data.sources import load_documents
-
     names = [part.strip() for part in source.split(",") if part.strip()]
     if not names:
         raise AdaPrunerError("--data is empty: name a text source such as wiki, or wiki,news,books,squad")

@@ -27,6 +27,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from ..errors import AdaPrunerError
 from ..files import save_tensors_atomic, write_json_atomic
+from ..models.loading import load_causal_lm, resolve_location
 from ..util import log
 
 LOSSES = ("lm", "kd", "kd+lm")
@@ -188,8 +189,6 @@ def load_teacher(
 ) -> Teacher:
     """Resolve ``name`` as ``prune`` does (asset names, local dirs, hub ids) and refuse a mismatched vocabulary."""
     from transformers import AutoConfig, AutoTokenizer
-
-    from ..models.loading import load_causal_lm, resolve_location
 
     hint = "pass --teacher DIR (the dense model) or --teacher none for LM loss"
     try:

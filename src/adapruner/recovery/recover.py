@@ -31,6 +31,7 @@ from ..files import atomic_output_dir, check_output_dir, write_json_atomic
 from ..models.loading import load_causal_lm, resolve_location
 from ..pruning.io import read_record, save_pruned
 from ..util import log
+from ..util import versions as base_versions
 from .config import DEFAULT_DATA, FinetuneConfig
 from .data import TrainingData, load_training_data
 from .distill import Teacher, load_teacher, open_cache, parse_hidden_layers, teacher_name
@@ -82,8 +83,6 @@ def cpu_has_native_bf16() -> bool:
 
 def _versions() -> dict[str, str]:
     import peft
-
-    from ..util import versions as base_versions
 
     return base_versions() | {"peft": peft.__version__}
 
@@ -230,11 +229,14 @@ def finetune(
     checkpoint_dir: str | Path | None = None,
     **options: Any,
 ) -> FinetuneResult:
-    """Recover the pruned model in ``model_dir`` on ``data`` and save the merged result to ``output``.
+    """Recover the pruned model in ``model_dir`` on ``data`` and save the merged result to ``output``:
+    distillation from its dense model (or LM loss), LoRA or every parameter.
 
-    ``options`` are the fields of :class:`FinetuneConfig` (loss, teacher, full, tokens, lr, ...). ``data``
-    is a text source or a comma-separated mix of them (default: the four offline sources' calibration
-    splits), ``alpaca`` (the hub's yahma/alpaca-cleaned) or a local Alpaca .json/.jsonl file.
+    ``options`` are the fields of :class:`FinetuneConfig` (loss, teacher, full, tokens, lr, teacher_cache,
+    ...). ``data`` is a text source or a comma-separated mix of them (default: the four offline sources'
+    calibration splits), ``alpaca`` (the hub's yahma/alpaca-cleaned) or a local Alpaca .json/.jsonl file.
+    The result is saved like a pruned model; rerunning an interrupted call resumes. The training stack
+    (Trainer, peft) loads only when this is called.
     """
     from transformers import AutoConfig, AutoTokenizer, set_seed
 

@@ -24,6 +24,7 @@ from ..pruning.plan import MAX_DEPTH_PARAM
 from ..pruning.ranking import RANKINGS
 from ..recipe import parse_windows
 from ..util import read_options_file
+from .evolution import ALLOCATIONS, ATTENTION_PARAM, MLP_PARAM, PER_LAYER, PROFILE
 
 SPACES = ("joint", "data", "metric")
 WINDOW_STATS = ("none", "loss", "grad_norm")
@@ -188,8 +189,6 @@ class SearchSpace:
         self._check_allocation()
 
     def _check_allocation(self) -> None:
-        from .evolution import ALLOCATIONS, PROFILE
-
         if not self.allocations or set(self.allocations) - set(ALLOCATIONS) or PROFILE not in self.allocations:
             raise AdaPrunerError(
                 f"the search space's allocations {self.allocations} must list 'profile' (trial 0) and optionally "
@@ -205,8 +204,6 @@ class SearchSpace:
 
     @property
     def per_layer(self) -> bool:
-        from .evolution import PER_LAYER
-
         return PER_LAYER in self.allocations
 
 
@@ -325,8 +322,6 @@ def suggest(trial: optuna.Trial, space: SearchSpace, dense: list[tuple[int, int]
     supernet's calibration data (TPE, when there is a choice) and its counts (the mutation proposer);
     ``dense`` holds every layer's (attention units, MLP channels) of the dense model.
     """
-    from .evolution import ATTENTION_PARAM, MLP_PARAM, PER_LAYER
-
     if space.per_layer and trial.suggest_categorical("allocation", list(space.allocations)) == PER_LAYER:
         data = space.supernet_data[0]
         if len(space.supernet_data) > 1:
