@@ -262,6 +262,7 @@ def test_default_refit_windows_fit_a_source_of_short_documents(tiny_model_dir):
 def test_too_small_calibration_fails_before_the_weights_load(tiny_model_dir, monkeypatch, extra, message):
     """Every window draw is checked on the tokenizer alone: the one-line error names the option to change,
     and no weights are loaded (a real model would have loaded and scored for minutes first)."""
+
     def no_weights(*args, **kwargs):
         raise AssertionError("the weights were loaded before the calibration was checked")
 
