@@ -98,6 +98,13 @@ def finetune(
     train_on_inputs: Annotated[
         bool, typer.Option(help="Loss on the prompt too (--no-train-on-inputs: response only).")
     ] = _FT.train_on_inputs,
+    divergence: Annotated[
+        float,
+        typer.Option(
+            help="Stop with an error (and a hint to lower --lr) when a logged training loss exceeds this multiple "
+            "of the first one; 0: never."
+        ),
+    ] = _FT.divergence,
     keep_adapter: Annotated[bool, typer.Option(help="Also save the unmerged adapter in OUTPUT/adapter/.")] = False,
     checkpoint_dir: Annotated[
         Path | None, typer.Option(help="Checkpoints for resuming (default: OUTPUT.work beside OUTPUT).")
@@ -106,7 +113,7 @@ def finetune(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
     """Recover a pruned model by distillation from its dense model (or LM loss), merge and save; rerun to resume."""
-    options = {k: v for k, v in locals().items() if k not in {"model_dir", "data", "output", "overwrite", "api"}}
+    options = {k: v for k, v in locals().items() if k not in {"model_dir", "data", "output", "overwrite"}}
     checkpoint_dir = options.pop("checkpoint_dir")
     if target_modules is not None:
         options["target_modules"] = split_list(target_modules)

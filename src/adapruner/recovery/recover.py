@@ -41,7 +41,7 @@ from .trainer import CachedExamples, build_trainer
 WORK_MARKER = "adapruner-finetune.json"
 ADAPTER_DIR = "adapter"
 # Settings that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("max_steps", "tokens", "save_steps", "eval_steps", "logging_steps", "keep_adapter")
+RESUMABLE_CHANGES = ("max_steps", "tokens", "save_steps", "eval_steps", "logging_steps", "keep_adapter", "divergence")
 CACHE_WAIT_SECONDS = 24 * 3600  # data-parallel workers wait this long for rank 0's teacher cache
 
 
@@ -324,6 +324,9 @@ def finetune(
     train_start = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=resume)
     timings["train"] = round(time.perf_counter() - train_start, 2)
+    if trainer.divergence.tripped is not None:  # its checkpoints hold the diverged weights: a rerun starts over
+        _remove_work_dir(work)
+        raise AdaPrunerError(trainer.divergence.message(cfg.learning_rate))
     finetune_record = _record(trainer, train_output, cfg, dataset, location, resume, timings, world)
     finetune_record |= {
         "method": "full" if cfg.full else "lora",

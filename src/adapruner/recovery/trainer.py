@@ -185,6 +185,40 @@ def _callbacks() -> tuple[list, Any]:
     return [LossLog()], LossProgress
 
 
+def _divergence_guard(factor: float):
+    """A callback that stops training once a logged loss exceeds ``factor`` x the first (or is not finite)."""
+    import math
+
+    from transformers import TrainerCallback
+
+    class DivergenceGuard(TrainerCallback):
+        def __init__(self) -> None:
+            self.first: tuple[int, float] | None = None
+            self.tripped: tuple[int, float] | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return control
+            loss = float(logs["loss"])
+            if self.first is None:
+                self.first = (state.global_step, loss)
+            elif factor and (not math.isfinite(loss) or loss > factor * self.first[1]):
+                self.tripped = (state.global_step, loss)
+                control.should_training_stop = True
+                control.should_save = False
+            return control
+
+        def message(self, lr: float) -> str:
+            (start, first), (step, loss) = self.first, self.tripped
+            return (
+                f"training diverged: the loss rose from {first:.4g} (step {start}) to {loss:.4g} (step {step}), "
+                f"over {factor:g}x: rerun with a lower --lr than {lr:g} (Qwen2.5-0.5B's full KD + LM needed 5e-5 "
+                "where 3e-4 diverged), or --divergence 0 to train on"
+            )
+
+    return DivergenceGuard()
+
+
 def _cpu_only() -> bool:
     mps = getattr(torch.backends, "mps", None)
     return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
@@ -266,4 +300,6 @@ def build_trainer(
     trainer.add_callback(progress)
     for callback in callbacks:
         trainer.add_callback(callback)
+    trainer.divergence = _divergence_guard(cfg.divergence)  # recover.finetune reads whether it tripped
+    trainer.add_callback(trainer.divergence)
     return trainer
