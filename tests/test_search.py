@@ -259,6 +259,17 @@ def test_objective_reports_partial_perplexity_and_equals_the_full_pass(tiny_mode
         expected = perplexity(objective.model, valid, 16, progress=False)
     assert trial.value == pytest.approx(expected, rel=1e-6)
     assert trial.user_attrs["config"]["seq_len"] == 32 and 32 in objective.caches
+    # a trial of a study begun before trials stored their recipe (no `from_run`): best.json gets the same
+    # recipe and allocation, rebuilt from its search parameters
+    from adapruner.search.study import _recipe_of
+
+    older = optuna.trial.create_trial(
+        value=trial.value, params=trial.params, distributions=trial.distributions,
+        user_attrs={"config": trial.user_attrs["config"]},
+    )  # fmt: skip
+    stored = trial.user_attrs["from_run"]
+    assert stored["recipe"]["depth_slope"] == 1.0 and stored["recipe"]["attention_metric"] == "l2"
+    assert _recipe_of(older, objective) == stored == _recipe_of(trial, objective)
 
     hopeless = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=1.0))  # any ppl is > 1
     hopeless.enqueue_trial(params)
