@@ -18,7 +18,6 @@ from typing import Any
 import yaml
 
 from . import api
-from .api import compare
 from .data.pool import DEFAULT_POOL_PER_SOURCE
 from .data.sources import ALL_OFFLINE, OFFLINE_SOURCES
 from .data.tasks import TASKS
@@ -103,7 +102,7 @@ class RunConfig:
         """FinetuneConfig options of a model's recovery: the baseline's own over the shared ones."""
         return self.finetune | (self.baseline_finetune if baseline else {})
 
-    def space(self) -> Any:
+    def space(self) -> SearchSpace:
         """The SearchSpace: ``search_space`` fields, with ``uniform`` on if the run is uniform."""
         fixed = ({"uniform": True} if self.uniform else {}) | ({"align": self.align} if self.align != 1 else {})
         return SearchSpace(**(self.search_space | fixed))
@@ -229,7 +228,7 @@ def write_report(
     run_dir: Path, cfg: RunConfig, evaluations: dict[str, str], times: dict[str, float], models: dict[str, str]
 ) -> None:
     """``report.md`` and a self-contained ``report.html``: comparison, stage times, search plots."""
-    table = compare(list(evaluations.values()))
+    table = api.compare(list(evaluations.values()))
     search_dir = run_dir / "search"
     lines = [
         f"# AdaPruner run: {cfg.model} at ratio {cfg.ratio}",

@@ -161,7 +161,7 @@ def takes(*groups: tuple[str, ...]) -> Callable[[Callable], Callable]:
         signature = inspect.signature(command, eval_str=True)
         params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
         shared = [
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=_default(name), annotation=_declared(name))
+            inspect.Parameter(name, KEYWORD, default=DEFAULTS.get(name), annotation=_declared(name))
             for group in groups
             for name in group
         ]
@@ -175,9 +175,10 @@ def _declared(name: str) -> Any:
     return globals()["".join(word.capitalize() for word in name.split("_"))]
 
 
-def _default(name: str) -> Any:
-    defaults = {f.name: f.default for cls in (Recipe, Runtime) for f in fields(cls)}
-    return defaults.get(name, False if name in ("global_ranking", "compensate") else None)
+# each shared option's default: its field's, False for the older spellings, None for device_map
+DEFAULTS = {f.name: f.default for cls in (Recipe, Runtime) for f in fields(cls)}
+DEFAULTS |= dict.fromkeys(LEGACY_SPELLINGS, False)
+KEYWORD = inspect.Parameter.KEYWORD_ONLY
 
 
 def config_options(values: dict[str, Any]) -> dict[str, Any]:

@@ -69,7 +69,7 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> Recipe:
         """A stored recipe; fields this version does not know are a one-line error naming ``where``."""
-        return cls(**_known(cls, data, where, "recipe"))
+        return cls(**known_fields(data, where, "recipe", cls))
 
     @property
     def refit_mode(self) -> str:
@@ -215,7 +215,7 @@ class Allocation:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str) -> Allocation | None:
-        return None if data is None else cls(**_known(cls, data, where, "allocation"))
+        return None if data is None else cls(**known_fields(data, where, "allocation", cls))
 
 
 @dataclass(frozen=True)
@@ -289,10 +289,12 @@ def field_names(cls: type) -> set[str]:
     return {f.name for f in fields(cls)}
 
 
-def _known(cls: type, data: dict[str, Any], where: str, what: str) -> dict[str, Any]:
+def known_fields(data: dict[str, Any], where: str, what: str, *classes: type) -> dict[str, Any]:
+    """``data``, a stored ``what`` read from ``where``, once it is a mapping of fields of ``classes``: a
+    field this version does not know means a newer AdaPruner wrote it (one line)."""
     if not isinstance(data, dict):
         raise AdaPrunerError(f"{where} is corrupted (its {what} is not a mapping): run the search again")
-    unknown = sorted(set(data) - field_names(cls))
+    unknown = sorted(set(data).difference(*(field_names(cls) for cls in classes)))
     if unknown:
         raise AdaPrunerError(
             f"{where} was written by a newer AdaPruner (unknown {what} fields {', '.join(unknown)}): upgrade adapruner"

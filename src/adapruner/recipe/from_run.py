@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdaPrunerError
-from .config import FRESH_SEED, Allocation, PruneConfig, Recipe, Runtime, field_names
+from .config import FRESH_SEED, Allocation, PruneConfig, Recipe, Runtime, field_names, known_fields
 
 
 def recipe_from_run(run_dir: Path) -> tuple[Recipe, Allocation | None, dict[str, Any]]:
@@ -41,14 +41,8 @@ def recipe_from_run(run_dir: Path) -> tuple[Recipe, Allocation | None, dict[str,
 
 def _flat_recipe(best: dict[str, Any], path: Path) -> dict[str, Any]:
     """The one flat recipe a search of 2026-12-06 stored, without what the prune decides."""
-    if not isinstance(best["recipe"], dict):
-        raise TypeError("its recipe is not a mapping")
-    unknown = sorted(set(best["recipe"]) - field_names(Recipe) - field_names(Runtime) - field_names(Allocation))
-    if unknown:
-        raise AdaPrunerError(
-            f"{path} was written by a newer AdaPruner (unknown recipe fields {', '.join(unknown)}): upgrade adapruner"
-        )
-    return {k: v for k, v in best["recipe"].items() if k not in field_names(Runtime) | {"model", "ratio"}}
+    recipe = known_fields(best["recipe"], str(path), "recipe", Recipe, Runtime, Allocation)
+    return {k: v for k, v in recipe.items() if k not in field_names(Runtime) | {"model", "ratio"}}
 
 
 def _legacy_options(best: dict[str, Any]) -> dict[str, Any]:

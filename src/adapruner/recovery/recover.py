@@ -325,7 +325,8 @@ def finetune(
     train_output = trainer.train(resume_from_checkpoint=resume)
     timings["train"] = round(time.perf_counter() - train_start, 2)
     if trainer.divergence.tripped is not None:  # its checkpoints hold the diverged weights: a rerun starts over
-        _remove_work_dir(work)
+        if trainer.is_world_process_zero():  # every process stops on the same (gathered) loss; one cleans up
+            _remove_work_dir(work)
         raise AdaPrunerError(trainer.divergence.message(cfg.learning_rate))
     finetune_record = _record(trainer, train_output, cfg, dataset, location, resume, timings, world)
     finetune_record |= {

@@ -9,6 +9,7 @@ Validation always reports the plain LM loss on held-out text, so runs with diffe
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -187,8 +188,6 @@ def _callbacks() -> tuple[list, Any]:
 
 def _divergence_guard(factor: float):
     """A callback that stops training once a logged loss exceeds ``factor`` x the first (or is not finite)."""
-    import math
-
     from transformers import TrainerCallback
 
     class DivergenceGuard(TrainerCallback):
