@@ -215,7 +215,13 @@ class Allocation:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str) -> Allocation | None:
-        return None if data is None else cls(**known_fields(data, where, "allocation", cls))
+        if data is None:
+            return None
+        stored = known_fields(data, where, "allocation", cls)
+        try:
+            return cls(**stored)
+        except AdaPrunerError as exc:
+            raise AdaPrunerError(f"{where} is corrupted ({exc}): run the search again") from None
 
 
 @dataclass(frozen=True)
