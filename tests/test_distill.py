@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -38,6 +39,8 @@ FAST = {
     "lr": 1e-3,
     "logging_steps": 1,
 }
+# lr 5 on every parameter: the loss blows up within a few steps
+HOT = FAST | {"max_steps": 6, "logging_steps": 1, "lr": 5.0, "full": True, "val_set_size": 0, "save_steps": 1}
 
 
 @pytest.fixture(scope="module")
@@ -388,12 +391,41 @@ def test_shared_log_softmax_gives_the_same_losses():
 
 def test_a_diverging_run_stops_with_a_hint_to_lower_the_learning_rate(root, tmp_path):
     """Issue 26: full KD + LM at lr 3e-4 took Qwen2.5-0.5B's loss from 2.3 to ~4 and spent 13 min making the
-    model worse. A loss past ``divergence`` x the first stops the run in one line naming --lr; nothing is
-    written and the diverged checkpoints are gone, so a rerun with a lower --lr starts over."""
+    model worse. With no retries left, a loss past ``divergence`` x the first stops the run in one line naming
+    --lr; nothing is written and the diverged checkpoints are gone, so a rerun with a lower --lr starts over."""
     out = tmp_path / "hot"
-    options = FAST | {"max_steps": 6, "logging_steps": 1, "lr": 5.0, "full": True, "val_set_size": 0, "save_steps": 1}
-    with pytest.raises(AdaPrunerError, match=r"training diverged: the loss rose from .* lower --lr than 5"):
+    options = HOT | {"lr_retries": 0}
+    with pytest.raises(AdaPrunerError, match=r"training diverged: the loss rose from .* at lr 5: .*lower --lr than 5"):
         adapruner.finetune(root / "pruned", root / "corpus.txt", out, **options)
     assert not out.exists() and not out.with_name("hot.work").exists()
     calm = adapruner.finetune(root / "pruned", root / "corpus.txt", out, **options | {"divergence": 0})
     assert calm.record["finetune"]["steps"] == 6  # the guard off: the same run trains to the end
+
+
+def test_a_diverging_run_starts_over_from_the_input_at_a_quarter_of_the_rate(root, tmp_path):
+    """By default a diverged run is retried from the input's weights at lr / 4 (``lr_retries`` times): the
+    result equals a run started at the rate that held, and the record lists the rates that diverged."""
+    retried = adapruner.finetune(root / "pruned", root / "corpus.txt", tmp_path / "retried", **HOT | {"lr_retries": 8})
+    record = retried.record["finetune"]
+    rates = [b["lr"] for b in record["lr_backoff"]]
+    assert rates and rates[0] == 5.0 and all(b == a / 4 for a, b in itertools.pairwise(rates))
+    assert record["lr"] == rates[-1] / 4 and record["steps"] == 6
+    direct = adapruner.finetune(
+        root / "pruned", root / "corpus.txt", tmp_path / "direct", **HOT | {"lr": record["lr"], "lr_retries": 0}
+    )
+    assert direct.record["finetune"]["lr_backoff"] == []
+    for (name, a), b in zip(retried.model.state_dict().items(), direct.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(AdaPrunerError, match=r"at lr 5, 1.25: rerun with a lower --lr than 1.25"):
+        adapruner.finetune(root / "pruned", root / "corpus.txt", tmp_path / "spent", **HOT | {"lr_retries": 1})
+
+
+def test_a_resumed_run_keeps_the_rate_its_retries_reached(tmp_path):
+    """The work marker records the rates that diverged, so a run killed during a retry resumes at the lower
+    rate; a marker of other settings is still refused."""
+    work, identity = tmp_path / "x.work", {"config": {"lr": None}, "model_dir": "m"}
+    tried = [{"lr": 3e-4, "step": 10, "loss": 4.2}]
+    assert recover._prepare_work_dir(work, identity, tried) == (None, tried)
+    assert recover._prepare_work_dir(work, identity, []) == (None, tried)  # what a rerun after kill -9 reads
+    with pytest.raises(AdaPrunerError, match=r"holds another fine-tune \(different config"):
+        recover._prepare_work_dir(work, identity | {"config": {"lr": 1e-4}}, [])

@@ -101,10 +101,17 @@ def finetune(
     divergence: Annotated[
         float,
         typer.Option(
-            help="Stop with an error (and a hint to lower --lr) when a logged training loss exceeds this multiple "
-            "of the first one; 0: never."
+            help="The loss has diverged when a logged training loss exceeds this multiple of the first one (then "
+            "--lr-retries, or an error); 0: never."
         ),
     ] = _FT.divergence,
+    lr_retries: Annotated[
+        int,
+        typer.Option(
+            help="When the loss diverges, start over from the input's weights at a quarter of the learning rate, "
+            "at most this many times (0: stop with the error)."
+        ),
+    ] = _FT.lr_retries,
     keep_adapter: Annotated[bool, typer.Option(help="Also save the unmerged adapter in OUTPUT/adapter/.")] = False,
     checkpoint_dir: Annotated[
         Path | None, typer.Option(help="Checkpoints for resuming (default: OUTPUT.work beside OUTPUT).")

@@ -11,6 +11,7 @@ from .distill import HIDDEN_LOSSES, LOSSES
 
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 DEFAULT_LR_FULL, DEFAULT_LR_LORA = 3e-4, 1e-3  # best of 1e-4/3e-4/1e-3 (full), 1e-4/3e-4/1e-3 (LoRA) at 32k tokens
+LR_BACKOFF = 0.25  # a diverged run starts over at this fraction of its learning rate (lr_retries times at most)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_DATA = ALL_OFFLINE  # the four offline sources' calibration splits, interleaved
 
@@ -53,6 +54,9 @@ class FinetuneConfig:
     # stop when a logged training loss exceeds this multiple of the first one (a learning rate too high for the
     # model: KD + LM at lr 3e-4 took Qwen2.5-0.5B's loss from 2.3 to ~4); 0: never
     divergence: float = 1.5
+    # when the loss diverges, start over from the input's weights at a quarter of the learning rate, at most this
+    # many times (a rate tuned on SmolLM2-135M is too high for Qwen2.5-0.5B); 0: stop with the error instead
+    lr_retries: int = 2
     seed: int = 42
     train_on_inputs: bool = True  # False: loss on the response tokens only
     keep_adapter: bool = False  # also save the unmerged adapter in OUTPUT/adapter/
@@ -80,6 +84,7 @@ class FinetuneConfig:
             (0 <= self.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
             (self.lr is None or self.lr > 0, "--lr must be > 0"),
             (self.divergence == 0 or self.divergence > 1, "--divergence must be 0 (never stop) or above 1"),
+            (self.lr_retries >= 0, "--lr-retries must be >= 0"),
             (self.cutoff_len >= 2, "--cutoff-len must be >= 2"),
             (self.epochs > 0, "--epochs must be > 0"),
             (self.micro_batch_size >= 1, "--micro-batch-size must be >= 1"),

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from ..models.loading import load_causal_lm, resolve_location
 from ..pruning.io import read_record, save_pruned
 from ..util import log
 from ..util import versions as base_versions
-from .config import DEFAULT_DATA, FinetuneConfig
+from .config import DEFAULT_DATA, LR_BACKOFF, FinetuneConfig
 from .data import TrainingData, load_training_data
 from .distill import Teacher, load_teacher, open_cache, parse_hidden_layers, teacher_name
 from .lora import add_lora, chosen_targets, is_lora, merged, trainable_parameters
@@ -41,7 +41,17 @@ from .trainer import CachedExamples, build_trainer
 WORK_MARKER = "adapruner-finetune.json"
 ADAPTER_DIR = "adapter"
 # Settings that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("max_steps", "tokens", "save_steps", "eval_steps", "logging_steps", "keep_adapter", "divergence")
+RESUMABLE_CHANGES = (
+    "max_steps",
+    "tokens",
+    "save_steps",
+    "eval_steps",
+    "logging_steps",
+    "keep_adapter",
+    "divergence",
+    "lr_retries",
+)
+BACKOFF_KEY = "lr_backoff"  # in the work marker: the learning rates that diverged, so a resumed run keeps the lower one
 CACHE_WAIT_SECONDS = 24 * 3600  # data-parallel workers wait this long for rank 0's teacher cache
 
 
@@ -103,8 +113,9 @@ def _run_identity(model_dir: Path, data: TrainingData, cfg: FinetuneConfig, targ
     return json.loads(json.dumps(identity))  # as it reads back from the marker file
 
 
-def _prepare_work_dir(work: Path, identity: dict) -> str | None:
-    """Check ``work`` belongs to this fine-tune; the last checkpoint to resume from, if any."""
+def _prepare_work_dir(work: Path, identity: dict, backoff: list[dict]) -> tuple[str | None, list[dict]]:
+    """Check ``work`` belongs to this fine-tune: the last checkpoint to resume from, if any, and the learning
+    rates that diverged so far (``backoff``, or those an interrupted run recorded)."""
     from transformers.trainer_utils import get_last_checkpoint
 
     marker = work / WORK_MARKER
@@ -113,12 +124,14 @@ def _prepare_work_dir(work: Path, identity: dict) -> str | None:
             previous = json.loads(marker.read_text())
         except json.JSONDecodeError:
             previous = None
+        stored = previous.pop(BACKOFF_KEY, []) if isinstance(previous, dict) else []
         if previous != identity:
             diff = sorted(k for k in identity if previous.get(k) != identity[k]) if isinstance(previous, dict) else []
             raise AdaPrunerError(
                 f"checkpoint directory {work} holds another fine-tune (different {', '.join(diff) or 'settings'}): "
                 "remove it to start over, or pass another --checkpoint-dir"
             )
+        backoff = backoff or stored
     elif work.is_dir() and any(p.name.startswith("checkpoint-") for p in work.iterdir()):
         raise AdaPrunerError(
             f"checkpoint directory {work} holds checkpoints not written by `adapruner finetune`: "
@@ -126,8 +139,8 @@ def _prepare_work_dir(work: Path, identity: dict) -> str | None:
         )
     last = get_last_checkpoint(str(work)) if work.is_dir() else None
     if _is_main_process():
-        write_json_atomic(marker, identity)
-    return last
+        write_json_atomic(marker, identity | {BACKOFF_KEY: backoff})
+    return last, backoff
 
 
 def _remove_work_dir(work: Path) -> None:
@@ -293,41 +306,50 @@ def finetune(
     )
     work = Path(checkpoint_dir) if checkpoint_dir is not None else output.with_name(f"{output.name}.work")
     teacher_location = teacher.location if teacher is not None else None
-    resume = _prepare_work_dir(work, _run_identity(location, dataset, cfg, targets, teacher_location))
-    if resume:
-        log(f"resuming from {resume}")
-
-    set_seed(cfg.seed)  # the LoRA initialisation
-    if not cfg.full:
-        model = add_lora(model, cfg, targets, location)
-    trainable, total = trainable_parameters(model)
+    identity = _run_identity(location, dataset, cfg, targets, teacher_location)
     precision = _precision(cfg.precision)
+    train_set = CachedExamples(dataset.train, cache) if cache is not None else dataset.train
     mode = "every parameter" if cfg.full else f"LoRA r={cfg.lora_r} on {', '.join(targets)}"
     source = f"teacher {teacher.name}" + (f" (cache {cfg.teacher_cache})" if cache else "") if teacher else "no teacher"
-    log(f"{loss} loss, {source}; {mode}: {trainable:,} trainable of {total:,} parameters ({precision})")
-
-    train_set = CachedExamples(dataset.train, cache) if cache is not None else dataset.train
-    trainer = build_trainer(
-        model,
-        dataset,
-        train_set,
-        cfg,
-        work=work,
-        precision=precision,
-        pad_token_id=train_tokenizer.pad_token_id,
-        max_steps=steps,
-        world_size=world,
-        loss=loss,
-        teacher=teacher.model if teacher is not None else None,
-        hidden_layers=hidden,
-    )
-    train_start = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=resume)
-    timings["train"] = round(time.perf_counter() - train_start, 2)
-    if trainer.divergence.tripped is not None:  # its checkpoints hold the diverged weights: a rerun starts over
-        if trainer.is_world_process_zero():  # every process stops on the same (gathered) loss; one cleans up
-            _remove_work_dir(work)
-        raise AdaPrunerError(trainer.divergence.message(cfg.learning_rate))
+    backoff: list[dict] = []
+    while True:  # once, unless the loss diverges: then again from the input's weights at a lower rate
+        resume, backoff = _prepare_work_dir(work, identity, backoff)
+        run_cfg = replace(cfg, lr=cfg.learning_rate * LR_BACKOFF ** len(backoff))
+        if resume:
+            log(f"resuming from {resume}")
+        if model is None:
+            model = load_causal_lm(str(location))
+        set_seed(cfg.seed)  # the LoRA initialisation
+        if not cfg.full:
+            model = add_lora(model, cfg, targets, location)
+        trainable, total = trainable_parameters(model)
+        log(
+            f"{loss} loss, {source}; {mode}: {trainable:,} trainable of {total:,} parameters ({precision}, "
+            f"lr {run_cfg.learning_rate:g})"
+        )
+        trainer = build_trainer(
+            model,
+            dataset,
+            train_set,
+            run_cfg,
+            work=work,
+            precision=precision,
+            pad_token_id=train_tokenizer.pad_token_id,
+            max_steps=steps,
+            world_size=world,
+            loss=loss,
+            teacher=teacher.model if teacher is not None else None,
+            hidden_layers=hidden,
+        )
+        train_start = time.perf_counter()
+        train_output = trainer.train(resume_from_checkpoint=resume)
+        timings["train"] = round(time.perf_counter() - train_start, 2)
+        if trainer.divergence.tripped is None:
+            break
+        backoff = _after_divergence(trainer, work, run_cfg.learning_rate, backoff, cfg.lr_retries)
+        timings["diverged"] = round(timings.get("diverged", 0.0) + timings.pop("train"), 2)
+        model = trainer = train_output = None  # the next attempt starts from the input's weights
+        gc.collect()
     finetune_record = _record(trainer, train_output, cfg, dataset, location, resume, timings, world)
     finetune_record |= {
         "method": "full" if cfg.full else "lora",
@@ -335,7 +357,8 @@ def finetune(
         "teacher": teacher_location,
         "teacher_cache": str(cfg.teacher_cache) if cache is not None else None,
         "temperature": cfg.temperature if loss != "lm" else None,
-        "lr": cfg.learning_rate,
+        "lr": run_cfg.learning_rate,
+        BACKOFF_KEY: backoff,
         "hidden_loss": cfg.hidden_loss,
         "trainable_params": trainable,
         "precision": precision,
@@ -355,6 +378,23 @@ def finetune(
     _remove_work_dir(work)
     log(f"recovered model written to {output}")
     return FinetuneResult(result_model, tokenizer, new_record, output, timings)
+
+
+def _after_divergence(trainer, work: Path, lr: float, backoff: list[dict], retries: int) -> list[dict]:
+    """Clear the diverged run's checkpoints (they hold its weights) and record its rate for the retry;
+    the one-line error once ``retries`` are spent."""
+    if trainer.is_world_process_zero():  # every process stops on the same (gathered) loss; one cleans up
+        _remove_work_dir(work)
+    trainer.accelerator.wait_for_everyone()  # no process reads the old marker or checkpoints after this
+    guard = trainer.divergence
+    if len(backoff) >= retries:
+        raise AdaPrunerError(guard.message([*(b["lr"] for b in backoff), lr]))
+    (_, first), (step, value) = guard.first, guard.tripped
+    log(
+        f"training diverged at lr {lr:g} (loss {first:.4g} -> {value:.4g} at step {step}): starting over from the "
+        f"input's weights at lr {lr * LR_BACKOFF:g} (retry {len(backoff) + 1} of {retries})"
+    )
+    return [*backoff, {"lr": lr, "step": step, "loss": value}]
 
 
 def _record(trainer, train_output, cfg, dataset, location, resume, timings, world) -> dict[str, Any]:

@@ -207,12 +207,14 @@ def _divergence_guard(factor: float):
                 control.should_save = False
             return control
 
-        def message(self, lr: float) -> str:
+        def message(self, tried: Sequence[float]) -> str:
+            """The error once no retry is left; ``tried``: every learning rate that diverged, the last one this."""
             (start, first), (step, loss) = self.first, self.tripped
+            rates = ", ".join(f"{lr:g}" for lr in tried)
             return (
                 f"training diverged: the loss rose from {first:.4g} (step {start}) to {loss:.4g} (step {step}), "
-                f"over {factor:g}x: rerun with a lower --lr than {lr:g} (Qwen2.5-0.5B's full KD + LM needed 5e-5 "
-                "where 3e-4 diverged), or --divergence 0 to train on"
+                f"over {factor:g}x, at lr {rates}: rerun with a lower --lr than {min(tried):g} (or more "
+                "--lr-retries), or --divergence 0 to train on"
             )
 
     return DivergenceGuard()
