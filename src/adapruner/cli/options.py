@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_type_hints
 
 import typer
 
@@ -16,86 +16,92 @@ from ..importance.metrics import parse_mix
 from ..recipe.config import LEGACY_SPELLINGS, Recipe, Runtime, field_names
 from .app import out
 
-# Options shared by `prune` and `importance` (one definition each).
 ModelArg = Annotated[str, typer.Argument(help="Asset name (smollm2-135m), local directory or hub id.")]
 Ratio = Annotated[float, typer.Option(help="Fraction of the whole model's parameters to remove.")]
-Metric = Annotated[
-    str,
-    typer.Option(
-        help="random, l1, l2, element1, element2, second, vector, wanda_sp, flap, wifv, mix, or obs (structured "
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A configuration field's command-line option: the help text, and only what differs from the field (the
+    type typed where the field holds a parsed value, other spellings). Name, type and default are the field's."""
+
+    help: str
+    typed: Any = None
+    names: tuple[str, ...] = ()
+    hidden: bool = False
+
+    def annotation(self, field_type: Any) -> Any:
+        return Annotated[self.typed or field_type, typer.Option(*self.names, help=self.help, hidden=self.hidden)]
+
+
+def flag_annotations(flags: dict[str, Flag], *classes: type) -> dict[str, Any]:
+    """Each flag's typer annotation, its type read from the field of that name in ``classes``."""
+    types = {name: kind for cls in classes for name, kind in get_type_hints(cls).items()}
+    return {name: flag.annotation(types.get(name)) for name, flag in flags.items()}
+
+
+# The recipe and runtime options that several commands take (adapruner.recipe.config's Recipe and Runtime).
+RECIPE_FLAGS = {
+    "metric": Flag(
+        "random, l1, l2, element1, element2, second, vector, wanda_sp, flap, wifv, mix, or obs (structured "
         "OBS inside the layer-by-layer engine, refitted by least squares)."
     ),
-]
-Mix = Annotated[str | None, typer.Option(help="Weights for --metric mix, e.g. element1=0.7,wanda_sp=0.3.")]
-Aggregation = Annotated[str, typer.Option(help="sum, mean, max, prod or last over coupled layers.")]
-Calibration = Annotated[str, typer.Option(help="Calibration source(s): books, wiki, news, squad, a path; a,b mixes.")]
-NumSamples = Annotated[int, typer.Option(help="Calibration samples (spread evenly over the sources).")]
-SeqLen = Annotated[int, typer.Option(help="Tokens per calibration sample.")]
-Layers = Annotated[str | None, typer.Option(help="Layer range START:END to prune (default: LLM-Pruner's).")]
-HeadMode = Annotated[str, typer.Option(help="auto, kv-group or query.")]
-AttentionScale = Annotated[float, typer.Option(help="Attention rate / MLP rate (0: attention whole).")]
-Align = Annotated[
-    int,
-    typer.Option(
-        "--align",
-        "--round-to",
-        help="Kept MLP channels of every pruned layer a multiple of this (64, 256: what kernels and K-quants like).",
+    "mix": Flag("Weights for --metric mix, e.g. element1=0.7,wanda_sp=0.3.", typed=str | None),
+    "aggregation": Flag("sum, mean, max, prod or last over coupled layers."),
+    "calibration": Flag("Calibration source(s): books, wiki, news, squad, a path; a,b mixes."),
+    "num_samples": Flag("Calibration samples (spread evenly over the sources)."),
+    "seq_len": Flag("Tokens per calibration sample."),
+    "layers": Flag("Layer range START:END to prune (default: LLM-Pruner's)."),
+    "head_mode": Flag("auto, kv-group or query."),
+    "attention_scale": Flag("Attention rate / MLP rate (0: attention whole)."),
+    "align": Flag(
+        "Kept MLP channels of every pruned layer a multiple of this (64, 256: what kernels and K-quants like).",
+        names=("--align", "--round-to"),
     ),
-]
-GlobalRanking = Annotated[bool, typer.Option(hidden=True, help="Older spelling of --ranking global.")]
-Compensate = Annotated[bool, typer.Option(hidden=True, help="Older spelling of --refit bias.")]
-Seed = Annotated[int, typer.Option(help="Seed for calibration sampling and the random metric.")]
-Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
-DeviceMap = Annotated[str | None, typer.Option(help="Passed to from_pretrained, e.g. auto.")]
-Offload = Annotated[bool, typer.Option(help="Keep gradient statistics on the CPU (large models).")]
-BatchSize = Annotated[int | None, typer.Option(help="Samples per statistics step (default: all at once).")]
-GradientCheckpointing = Annotated[
-    bool, typer.Option(help="Gradient checkpointing in the statistics pass (less memory).")
-]
-AttentionMetric = Annotated[str | None, typer.Option(help="Another metric for attention heads (default: --metric).")]
-DepthSlope = Annotated[float, typer.Option(help="Per-layer rate profile: >0 cuts deeper layers more (0: uniform).")]
-DepthBend = Annotated[float, typer.Option(help="Per-layer rate profile: >0 cuts both ends more than the middle.")]
-Ranking = Annotated[
-    str,
-    typer.Option(
-        help="layer (each layer keeps its share), global (units of a kind compete across layers) or global-all "
+    "global_ranking": Flag("Older spelling of --ranking global.", typed=bool, hidden=True),
+    "attention_metric": Flag("Another metric for attention heads (default: --metric)."),
+    "depth_slope": Flag("Per-layer rate profile: >0 cuts deeper layers more (0: uniform)."),
+    "depth_bend": Flag("Per-layer rate profile: >0 cuts both ends more than the middle."),
+    "ranking": Flag(
+        "layer (each layer keeps its share), global (units of a kind compete across layers) or global-all "
         "(heads and channels of all layers in one list, FLAP's AL-AM)."
     ),
-]
-ActivationCalibration = Annotated[
-    str | None,
-    typer.Option(
-        help="Activation statistics (wanda_sp, flap, wifv, --refit bias) from N fresh windows of L tokens of "
+    "activation_calibration": Flag(
+        "Activation statistics (wanda_sp, flap, wifv, --refit bias) from N fresh windows of L tokens of "
         "--calibration, e.g. 128x128 (default: the same samples as the gradients)."
     ),
-]
-
-
-Refit = Annotated[
-    str,
-    typer.Option(
-        help="none; bias (FLAP's compensation: removed o_proj/down_proj inputs live on as a bias); lsq (layer "
-        "by layer, least-squares refit of the kept o_proj/down_proj columns and a bias on the pruned model's own "
+    "seed": Flag("Seed for calibration sampling and the random metric."),
+    "compensate": Flag("Older spelling of --refit bias.", typed=bool, hidden=True),
+    "refit": Flag(
+        "none; bias (FLAP's compensation: removed o_proj/down_proj inputs live on as a bias); lsq (layer by "
+        "layer, least-squares refit of the kept o_proj/down_proj columns and a bias on the pruned model's own "
         "inputs)."
     ),
-]
-RefitCalibration = Annotated[
-    str | None,
-    typer.Option(
-        help="Windows of --calibration the layer-by-layer engine (lsq, obs) runs on, NxL (default: 16,384 tokens "
-        "in the longest windows the text has enough of: 128x128, books 256x64)."
+    "refit_calibration": Flag(
+        "Windows of --calibration the layer-by-layer engine (lsq, obs) runs on, NxL (default: 16,384 tokens in "
+        "the longest windows the text has enough of: 128x128, books 256x64)."
     ),
-]
-RefitDamping = Annotated[float, typer.Option(help="lsq/obs ridge: fraction of the mean diagonal of each Gram matrix.")]
-RefitBias = Annotated[bool, typer.Option(help="lsq/obs: refit a bias too (--no-refit-bias keeps the old one).")]
-ObsRounds = Annotated[int, typer.Option(help="obs: batches in which MLP channels are removed.")]
-RefitDevice = Annotated[
-    str | None,
-    typer.Option(
-        help="Run the layer-by-layer engine there (e.g. cuda) while the model stays where it was loaded: "
-        "one decoder layer at a time on the device."
+    "refit_damping": Flag("lsq/obs ridge: fraction of the mean diagonal of each Gram matrix."),
+    "refit_bias": Flag("lsq/obs: refit a bias too (--no-refit-bias keeps the old one)."),
+    "obs_rounds": Flag("obs: batches in which MLP channels are removed."),
+    "refit_device": Flag(
+        "Run the layer-by-layer engine there (e.g. cuda) while the model stays where it was loaded: one decoder "
+        "layer at a time on the device."
     ),
-]
+    "uniform": Flag(
+        "Prune every layer to the same heads and channels and save the stock architecture: plain "
+        "from_pretrained, vLLM, TGI and llama.cpp conversions load it (no trust_remote_code)."
+    ),
+    "dtype": Flag("float32, bfloat16 or float16."),
+    "device_map": Flag("Passed to from_pretrained, e.g. auto.", typed=str | None),
+    "offload": Flag("Keep gradient statistics on the CPU (large models)."),
+    "batch_size": Flag("Samples per statistics step (default: all at once)."),
+    "gradient_checkpointing": Flag("Gradient checkpointing in the statistics pass (less memory)."),
+}
+RECIPE_OPTIONS = flag_annotations(RECIPE_FLAGS, Recipe, Runtime)
+# the ones other commands (pool, search) declare with their own defaults
+Calibration, SeqLen, Layers, HeadMode = (RECIPE_OPTIONS[n] for n in ("calibration", "seq_len", "layers", "head_mode"))
+Seed, Dtype, Uniform = (RECIPE_OPTIONS[n] for n in ("seed", "dtype", "uniform"))
 
 ExportFormat = Annotated[
     str | None, typer.Option("--export", help="Also write the result for an engine: gguf (llama.cpp).")
@@ -130,17 +136,8 @@ def print_export(result) -> None:
     )
 
 
-Uniform = Annotated[
-    bool,
-    typer.Option(
-        help="Prune every layer to the same heads and channels and save the stock architecture: plain "
-        "from_pretrained, vLLM, TGI and llama.cpp conversions load it (no trust_remote_code)."
-    ),
-]
-
-
-# The recipe and runtime options that several commands take, by group: each is declared once above, under its
-# field's name in CamelCase, and defaults to its field's default in Recipe/Runtime (adapruner.recipe.config).
+# The recipe and runtime options that several commands take, by group: each is declared once, in RECIPE_FLAGS,
+# and defaults to its field's default in Recipe/Runtime (adapruner.recipe.config).
 SCORING = (
     "metric", "mix", "aggregation", "calibration", "num_samples", "seq_len", "layers", "head_mode", "attention_scale",
     "align", "global_ranking", "attention_metric", "depth_slope", "depth_bend", "ranking", "activation_calibration",
@@ -153,26 +150,25 @@ STATISTICS_RUNTIME = ("dtype", "device_map", "offload", "batch_size", "gradient_
 
 
 def takes(*groups: tuple[str, ...]) -> Callable[[Callable], Callable]:
-    """Give a command the options of ``groups`` in place of its ``**options``: typer reads the signature, so
-    each option is declared once here and its default is the recipe's (the command receives them in
-    ``options``)."""
+    """Give a command the recipe options of ``groups`` in place of its ``**options``, defaults the recipe's."""
+    return takes_options({name: RECIPE_OPTIONS[name] for group in groups for name in group}, DEFAULTS)
+
+
+def takes_options(annotations: dict[str, Any], defaults: dict[str, Any]) -> Callable[[Callable], Callable]:
+    """Give a command these options in place of its ``**options``: typer reads the signature, so each option
+    is declared once, in its table, and the command receives them in ``options``."""
 
     def decorate(command: Callable) -> Callable:
         signature = inspect.signature(command, eval_str=True)
         params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
         shared = [
-            inspect.Parameter(name, KEYWORD, default=DEFAULTS.get(name), annotation=_declared(name))
-            for group in groups
-            for name in group
+            inspect.Parameter(name, KEYWORD, default=defaults.get(name), annotation=annotation)
+            for name, annotation in annotations.items()
         ]
         command.__signature__ = signature.replace(parameters=params + shared)
         return command
 
     return decorate
-
-
-def _declared(name: str) -> Any:
-    return globals()["".join(word.capitalize() for word in name.split("_"))]
 
 
 # each shared option's default: its field's, False for the older spellings, None for device_map

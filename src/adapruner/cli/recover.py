@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -12,17 +13,61 @@ from .. import api
 from ..data.sources import ALL_OFFLINE
 from ..recovery.config import FinetuneConfig
 from .app import app, out, split_list, user_errors
+from .options import Flag, flag_annotations, takes_options
 
-
-def _finetune_defaults():
-    return FinetuneConfig()
-
-
-_FT = _finetune_defaults()
+FINETUNE_FLAGS = {
+    "loss": Flag("kd+lm (KL from the teacher plus next-token loss), kd, or lm (no teacher)."),
+    "teacher": Flag("Dense model to distil from (default: the source_model the input records); 'none': LM loss."),
+    "temperature": Flag("Distillation temperature."),
+    "kd_weight": Flag("kd+lm: weight of the KD term (LM gets 1 - it)."),
+    "hidden_loss": Flag("Also match hidden states: cosine or mse (needs the live teacher)."),
+    "hidden_layers": Flag("Layers whose outputs --hidden-loss matches: all, or indices like 3,7,-1."),
+    "hidden_weight": Flag("Weight of the hidden-state term."),
+    "teacher_cache": Flag(
+        "Directory for the teacher's top-k logits: built once, shared by later runs on the same data."
+    ),
+    "cache_top_k": Flag("Logits kept per position in --teacher-cache."),
+    "full": Flag("Train every parameter (--full) or LoRA adapters (--lora).", names=("--full/--lora",)),
+    "gradient_checkpointing": Flag("Recompute activations in the backward pass (less memory, ~30% slower)."),
+    "precision": Flag("auto (bf16 autocast where the GPU or CPU does bf16 in hardware), fp32, bf16, fp16."),
+    "lora_r": Flag("LoRA rank."),
+    "lora_alpha": Flag("LoRA alpha (scaling alpha/r)."),
+    "lora_dropout": Flag("Dropout on the LoRA input."),
+    "target_modules": Flag(
+        "LoRA on these projections only, e.g. q_proj,v_proj (default: all seven).", typed=str | None
+    ),
+    "lr": Flag("Peak learning rate after the warmup (default: 3e-4 full, 1e-3 LoRA)."),
+    "lr_scheduler": Flag("After the warmup: linear, cosine or constant."),
+    "weight_decay": Flag("AdamW weight decay."),
+    "cutoff_len": Flag("Tokens per example (instructions are truncated, text cut)."),
+    "epochs": Flag("Passes over the training data."),
+    "batch_size": Flag("Examples per optimizer step, over all devices."),
+    "micro_batch_size": Flag("Examples per forward pass and device."),
+    "warmup_steps": Flag("Linear warmup steps, or a fraction of the steps when below 1."),
+    "max_steps": Flag("Stop after this many optimizer steps."),
+    "tokens": Flag("Training tokens (sets the steps; wins over --max-steps and --epochs)."),
+    "val_set_size": Flag("Held-out instruction records, or validation-split text blocks (0: none)."),
+    "eval_steps": Flag("Validate every N steps (and at the end)."),
+    "save_steps": Flag("Checkpoint every N steps (and at the end)."),
+    "logging_steps": Flag("Log the training loss every N steps."),
+    "divergence": Flag(
+        "The loss has diverged when a logged training loss exceeds this multiple of the first one (then "
+        "--lr-retries, or an error); 0: never."
+    ),
+    "lr_retries": Flag(
+        "When the loss diverges, start over from the input's weights at a quarter of the learning rate, at "
+        "most this many times (0: stop with the error)."
+    ),
+    "seed": Flag("Seed for the LoRA init, the validation split and data order."),
+    "train_on_inputs": Flag("Loss on the prompt too (--no-train-on-inputs: response only)."),
+    "keep_adapter": Flag("Also save the unmerged adapter in OUTPUT/adapter/."),
+}
+FINETUNE_DEFAULTS = {f.name: f.default for f in fields(FinetuneConfig)}
 
 
 @app.command()
 @user_errors
+@takes_options(flag_annotations(FINETUNE_FLAGS, FinetuneConfig), FINETUNE_DEFAULTS)
 def finetune(
     model_dir: Annotated[Path, typer.Argument(help="A pruned model directory written by `adapruner prune`.")],
     output: Annotated[Path, typer.Option(help="Directory for the recovered model (same format as a pruned one).")],
@@ -33,97 +78,15 @@ def finetune(
             "calibration splits); alpaca (hub) or an Alpaca .json/.jsonl file (instruction, input, output)."
         ),
     ] = ALL_OFFLINE,
-    loss: Annotated[
-        str, typer.Option(help="kd+lm (KL from the teacher plus next-token loss), kd, or lm (no teacher).")
-    ] = _FT.loss,
-    teacher: Annotated[
-        str | None,
-        typer.Option(help="Dense model to distil from (default: the source_model the input records); 'none': LM loss."),
-    ] = None,
-    temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = _FT.temperature,
-    kd_weight: Annotated[float, typer.Option(help="kd+lm: weight of the KD term (LM gets 1 - it).")] = _FT.kd_weight,
-    hidden_loss: Annotated[
-        str | None, typer.Option(help="Also match hidden states: cosine or mse (needs the live teacher).")
-    ] = None,
-    hidden_layers: Annotated[
-        str, typer.Option(help="Layers whose outputs --hidden-loss matches: all, or indices like 3,7,-1.")
-    ] = _FT.hidden_layers,
-    hidden_weight: Annotated[float, typer.Option(help="Weight of the hidden-state term.")] = _FT.hidden_weight,
-    teacher_cache: Annotated[
-        str | None,
-        typer.Option(
-            help="Directory for the teacher's top-k logits: built once, shared by later runs on the same data."
-        ),
-    ] = None,
-    cache_top_k: Annotated[int, typer.Option(help="Logits kept per position in --teacher-cache.")] = _FT.cache_top_k,
-    full: Annotated[
-        bool, typer.Option("--full/--lora", help="Train every parameter (--full) or LoRA adapters (--lora).")
-    ] = _FT.full,
-    gradient_checkpointing: Annotated[
-        bool, typer.Option(help="Recompute activations in the backward pass (less memory, ~30% slower).")
-    ] = _FT.gradient_checkpointing,
-    precision: Annotated[
-        str, typer.Option(help="auto (bf16 autocast where the GPU or CPU does bf16 in hardware), fp32, bf16, fp16.")
-    ] = _FT.precision,
-    tokens: Annotated[
-        int | None, typer.Option(help="Training tokens (sets the steps; wins over --max-steps and --epochs).")
-    ] = None,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = _FT.lora_r,
-    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scaling alpha/r).")] = _FT.lora_alpha,
-    lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input.")] = _FT.lora_dropout,
-    target_modules: Annotated[
-        str | None, typer.Option(help="LoRA on these projections only, e.g. q_proj,v_proj (default: all seven).")
-    ] = None,
-    lr: Annotated[
-        float | None, typer.Option(help="Peak learning rate after the warmup (default: 3e-4 full, 1e-3 LoRA).")
-    ] = _FT.lr,
-    lr_scheduler: Annotated[str, typer.Option(help="After the warmup: linear, cosine or constant.")] = _FT.lr_scheduler,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = _FT.weight_decay,
-    cutoff_len: Annotated[
-        int, typer.Option(help="Tokens per example (instructions are truncated, text cut).")
-    ] = _FT.cutoff_len,
-    epochs: Annotated[float, typer.Option(help="Passes over the training data.")] = _FT.epochs,
-    batch_size: Annotated[int, typer.Option(help="Examples per optimizer step, over all devices.")] = _FT.batch_size,
-    micro_batch_size: Annotated[int, typer.Option(help="Examples per forward pass and device.")] = _FT.micro_batch_size,
-    warmup_steps: Annotated[
-        float, typer.Option(help="Linear warmup steps, or a fraction of the steps when below 1.")
-    ] = _FT.warmup_steps,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
-    val_set_size: Annotated[
-        int, typer.Option(help="Held-out instruction records, or validation-split text blocks (0: none).")
-    ] = _FT.val_set_size,
-    eval_steps: Annotated[int, typer.Option(help="Validate every N steps (and at the end).")] = _FT.eval_steps,
-    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")] = _FT.save_steps,
-    logging_steps: Annotated[int, typer.Option(help="Log the training loss every N steps.")] = _FT.logging_steps,
-    train_on_inputs: Annotated[
-        bool, typer.Option(help="Loss on the prompt too (--no-train-on-inputs: response only).")
-    ] = _FT.train_on_inputs,
-    divergence: Annotated[
-        float,
-        typer.Option(
-            help="The loss has diverged when a logged training loss exceeds this multiple of the first one (then "
-            "--lr-retries, or an error); 0: never."
-        ),
-    ] = _FT.divergence,
-    lr_retries: Annotated[
-        int,
-        typer.Option(
-            help="When the loss diverges, start over from the input's weights at a quarter of the learning rate, "
-            "at most this many times (0: stop with the error)."
-        ),
-    ] = _FT.lr_retries,
-    keep_adapter: Annotated[bool, typer.Option(help="Also save the unmerged adapter in OUTPUT/adapter/.")] = False,
     checkpoint_dir: Annotated[
         Path | None, typer.Option(help="Checkpoints for resuming (default: OUTPUT.work beside OUTPUT).")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed for the LoRA init, the validation split and data order.")] = _FT.seed,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    **options: Any,
 ) -> None:
     """Recover a pruned model by distillation from its dense model (or LM loss), merge and save; rerun to resume."""
-    options = {k: v for k, v in locals().items() if k not in {"model_dir", "data", "output", "overwrite"}}
-    checkpoint_dir = options.pop("checkpoint_dir")
-    if target_modules is not None:
-        options["target_modules"] = split_list(target_modules)
+    if options["target_modules"] is not None:
+        options["target_modules"] = split_list(options["target_modules"])
     result = api.finetune(model_dir, data, output, overwrite=overwrite, checkpoint_dir=checkpoint_dir, **options)
     if result.output is None:  # a data-parallel worker; rank 0 reports
         return
