@@ -315,14 +315,21 @@ def test_cli_prints_mode_loss_and_tokens(root, tmp_path):
     assert "full" in result.output and "384" in result.output
 
 
-def test_accelerate_two_processes_equal_one(root, tmp_path):
-    """Data-parallel over 2 CPU processes (gradient accumulation halved) gives the single-process model."""
+@pytest.mark.parametrize(
+    "options",
+    ["max_steps=2, lr=1e-3", "max_steps=6, lr=5.0, logging_steps=1, save_steps=1, lr_retries=8"],
+    ids=["plain", "diverging"],
+)
+def test_accelerate_two_processes_equal_one(root, tmp_path, options):
+    """Data-parallel over 2 CPU processes (gradient accumulation halved) gives the single-process model; a
+    run that diverges is retried at the same lower rates in both (every rank stops on the same loss, and no
+    rank reads the diverged run's checkpoints)."""
     script = tmp_path / "run.py"
     script.write_text(
         "import sys, torch, adapruner\n"
         "torch.set_num_threads(1)\n"
         f"adapruner.finetune({str(root / 'pruned')!r}, {str(root / 'corpus.txt')!r}, sys.argv[1], full=True,"
-        " max_steps=2, batch_size=4, micro_batch_size=2, cutoff_len=32, val_set_size=0, warmup_steps=0, lr=1e-3,"
+        f" {options}, batch_size=4, micro_batch_size=2, cutoff_len=32, val_set_size=0, warmup_steps=0,"
         " precision='fp32')\n"
     )
     env = os.environ | {"ADAPRUNER_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -336,7 +343,10 @@ def test_accelerate_two_processes_equal_one(root, tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
     one, two = adapruner.load_pruned(tmp_path / "one"), adapruner.load_pruned(tmp_path / "two")
     record = json.loads((tmp_path / "two" / "adapruner.json").read_text())["finetune"]
+    alone = json.loads((tmp_path / "one" / "adapruner.json").read_text())["finetune"]
     assert record["world_size"] == 2 and record["gradient_accumulation_steps"] == 1
+    assert [b["lr"] for b in record["lr_backoff"]] == [b["lr"] for b in alone["lr_backoff"]]
+    assert bool(record["lr_backoff"]) == ("lr=5.0" in options) and record["lr"] == alone["lr"]
     for name, value in one.state_dict().items():
         torch.testing.assert_close(two.state_dict()[name], value, atol=1e-5, rtol=1e-4)
 
