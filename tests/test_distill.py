@@ -17,7 +17,7 @@ import adapruner
 from adapruner.cli import app
 from adapruner.errors import AdaPrunerError
 from adapruner.models import get_adapter
-from adapruner.recovery import distill, recover
+from adapruner.recovery import checkpoints, distill, recover
 from adapruner.recovery.config import FinetuneConfig
 from adapruner.recovery.trainer import Collator
 from conftest import make_tokenizer, pruned_tiny, save_tiny, write_corpus
@@ -435,7 +435,7 @@ def test_a_resumed_run_keeps_the_rate_its_retries_reached(tmp_path):
     rate; a marker of other settings is still refused."""
     work, identity = tmp_path / "x.work", {"config": {"lr": None}, "model_dir": "m"}
     tried = [{"lr": 3e-4, "step": 10, "loss": 4.2}]
-    assert recover._prepare_work_dir(work, identity, tried) == (None, tried)
-    assert recover._prepare_work_dir(work, identity, []) == (None, tried)  # what a rerun after kill -9 reads
+    assert checkpoints.prepare_work_dir(work, identity, tried) == (None, tried)
+    assert checkpoints.prepare_work_dir(work, identity, []) == (None, tried)  # what a rerun after kill -9 reads
     with pytest.raises(AdaPrunerError, match=r"holds another fine-tune \(different config"):
-        recover._prepare_work_dir(work, identity | {"config": {"lr": 1e-4}}, [])
+        checkpoints.prepare_work_dir(work, identity | {"config": {"lr": 1e-4}}, [])

@@ -13,8 +13,8 @@ import adapruner
 from adapruner.cli import app
 from adapruner.errors import AdaPrunerError, OfflineError
 from adapruner.models import get_adapter
+from adapruner.recovery import checkpoints, recover
 from adapruner.recovery import data as ft_data
-from adapruner.recovery import recover
 from adapruner.recovery.config import FinetuneConfig
 from conftest import pruned_tiny, save_tiny, write_corpus
 
@@ -170,7 +170,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(pruned_root, tmp_path, monk
             adapruner.finetune(pruned, data, out, **options | {"max_steps": 2})
     work = tmp_path / "out.work"
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
-    assert (work / "checkpoint-2").is_dir() and (work / recover.WORK_MARKER).is_file()
+    assert (work / "checkpoint-2").is_dir() and (work / checkpoints.WORK_MARKER).is_file()
 
     with pytest.raises(AdaPrunerError, match="holds another fine-tune"):  # other settings never mix
         adapruner.finetune(pruned, data, out, **options | {"max_steps": 4, "lr": 5e-4})

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -32,26 +31,14 @@ from ..models.loading import load_causal_lm, resolve_location
 from ..pruning.io import read_record, save_pruned
 from ..util import log
 from ..util import versions as base_versions
+from .checkpoints import BACKOFF_KEY, is_main_process, prepare_work_dir, remove_work_dir, run_identity, world_size
 from .config import DEFAULT_DATA, LR_BACKOFF, FinetuneConfig
 from .data import TrainingData, load_training_data
 from .distill import Teacher, load_teacher, open_cache, parse_hidden_layers, teacher_name
 from .lora import add_lora, chosen_targets, is_lora, merged, trainable_parameters
 from .trainer import CachedExamples, build_trainer
 
-WORK_MARKER = "adapruner-finetune.json"
 ADAPTER_DIR = "adapter"
-# Settings that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = (
-    "max_steps",
-    "tokens",
-    "save_steps",
-    "eval_steps",
-    "logging_steps",
-    "keep_adapter",
-    "divergence",
-    "lr_retries",
-)
-BACKOFF_KEY = "lr_backoff"  # in the work marker: the learning rates that diverged, so a resumed run keeps the lower one
 CACHE_WAIT_SECONDS = 24 * 3600  # data-parallel workers wait this long for rank 0's teacher cache
 
 
@@ -62,14 +49,6 @@ class FinetuneResult:
     record: dict
     output: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _precision(asked: str) -> str:
@@ -95,64 +74,6 @@ def _versions() -> dict[str, str]:
     import peft
 
     return base_versions() | {"peft": peft.__version__}
-
-
-# --- checkpoints -----------------------------------------------------------------------------------
-
-
-def _run_identity(model_dir: Path, data: TrainingData, cfg: FinetuneConfig, targets: list[str], teacher: str | None):
-    settings = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
-    identity = {
-        "model_dir": str(model_dir),
-        "data": data.source,
-        "data_fingerprint": data.fingerprint,
-        "config": settings | {"target_modules": targets},
-        "teacher": teacher,
-        "world_size": _world_size(),
-    }
-    return json.loads(json.dumps(identity))  # as it reads back from the marker file
-
-
-def _prepare_work_dir(work: Path, identity: dict, backoff: list[dict]) -> tuple[str | None, list[dict]]:
-    """Check ``work`` belongs to this fine-tune: the last checkpoint to resume from, if any, and the learning
-    rates that diverged so far (``backoff``, or those an interrupted run recorded)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    marker = work / WORK_MARKER
-    if marker.is_file():
-        try:
-            previous = json.loads(marker.read_text())
-        except json.JSONDecodeError:
-            previous = None
-        stored = previous.pop(BACKOFF_KEY, []) if isinstance(previous, dict) else []
-        if previous != identity:
-            diff = sorted(k for k in identity if previous.get(k) != identity[k]) if isinstance(previous, dict) else []
-            raise AdaPrunerError(
-                f"checkpoint directory {work} holds another fine-tune (different {', '.join(diff) or 'settings'}): "
-                "remove it to start over, or pass another --checkpoint-dir"
-            )
-        backoff = backoff or stored
-    elif work.is_dir() and any(p.name.startswith("checkpoint-") for p in work.iterdir()):
-        raise AdaPrunerError(
-            f"checkpoint directory {work} holds checkpoints not written by `adapruner finetune`: "
-            "remove it or pass another --checkpoint-dir"
-        )
-    last = get_last_checkpoint(str(work)) if work.is_dir() else None
-    if _is_main_process():
-        write_json_atomic(marker, identity | {BACKOFF_KEY: backoff})
-    return last, backoff
-
-
-def _remove_work_dir(work: Path) -> None:
-    """Remove our checkpoints and marker; the directory itself only if nothing else is left in it."""
-    if not work.is_dir():
-        return
-    for path in work.iterdir():
-        if path.name.startswith("checkpoint-") and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-    (work / WORK_MARKER).unlink(missing_ok=True)
-    if not any(work.iterdir()):
-        work.rmdir()
 
 
 # --- inputs ----------------------------------------------------------------------------------------
@@ -204,7 +125,7 @@ def _prepare_teacher(cfg: FinetuneConfig, name: str, tokenizer: Any, config: Any
     )
     cache.check()
     if cache.missing_shards():
-        if _is_main_process():
+        if is_main_process():
             _build_cache(cache, teacher, cfg, dataset.train.examples)
         else:
             _wait_for(cache)
@@ -290,7 +211,7 @@ def finetune(
     if cfg.hidden_loss and teacher_id is None:
         raise AdaPrunerError("--hidden-loss needs a teacher: drop --teacher none or --hidden-loss")
     hidden = parse_hidden_layers(cfg.hidden_layers, student_config.num_hidden_layers) if cfg.hidden_loss else []
-    world = _world_size()
+    world = world_size()
     steps = cfg.steps(dataset.tokens_per_example, world)
     teacher, cache = (None, None)
     if teacher_id is not None:
@@ -306,14 +227,14 @@ def finetune(
     )
     work = Path(checkpoint_dir) if checkpoint_dir is not None else output.with_name(f"{output.name}.work")
     teacher_location = teacher.location if teacher is not None else None
-    identity = _run_identity(location, dataset, cfg, targets, teacher_location)
+    identity = run_identity(location, dataset, cfg, targets, teacher_location)
     precision = _precision(cfg.precision)
     train_set = CachedExamples(dataset.train, cache) if cache is not None else dataset.train
     mode = "every parameter" if cfg.full else f"LoRA r={cfg.lora_r} on {', '.join(targets)}"
     source = f"teacher {teacher.name}" + (f" (cache {cfg.teacher_cache})" if cache else "") if teacher else "no teacher"
     backoff: list[dict] = []
     while True:  # once, unless the loss diverges: then again from the input's weights at a lower rate
-        resume, backoff = _prepare_work_dir(work, identity, backoff)
+        resume, backoff = prepare_work_dir(work, identity, backoff)
         run_cfg = replace(cfg, lr=cfg.learning_rate * LR_BACKOFF ** len(backoff))
         if resume:
             log(f"resuming from {resume}")
@@ -375,7 +296,7 @@ def finetune(
     save_start = time.perf_counter()
     result_model = _merge_and_save(model, tokenizer, new_record, output, overwrite, location, cfg.keep_adapter)
     timings["save"] = round(time.perf_counter() - save_start, 2)
-    _remove_work_dir(work)
+    remove_work_dir(work)
     log(f"recovered model written to {output}")
     return FinetuneResult(result_model, tokenizer, new_record, output, timings)
 
@@ -384,7 +305,7 @@ def _after_divergence(trainer, work: Path, lr: float, backoff: list[dict], retri
     """Clear the diverged run's checkpoints (they hold its weights) and record its rate for the retry;
     the one-line error once ``retries`` are spent."""
     if trainer.is_world_process_zero():  # every process stops on the same (gathered) loss; one cleans up
-        _remove_work_dir(work)
+        remove_work_dir(work)
     trainer.accelerator.wait_for_everyone()  # no process reads the old marker or checkpoints after this
     guard = trainer.divergence
     if len(backoff) >= retries:
