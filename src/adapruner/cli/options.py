@@ -171,9 +171,13 @@ def takes_options(annotations: dict[str, Any], defaults: dict[str, Any]) -> Call
     return decorate
 
 
+def field_defaults(*classes: type) -> dict[str, Any]:
+    """Each field's default: what its flag defaults to."""
+    return {f.name: f.default for cls in classes for f in fields(cls)}
+
+
 # each shared option's default: its field's, False for the older spellings, None for device_map
-DEFAULTS = {f.name: f.default for cls in (Recipe, Runtime) for f in fields(cls)}
-DEFAULTS |= dict.fromkeys(LEGACY_SPELLINGS, False)
+DEFAULTS = field_defaults(Recipe, Runtime) | dict.fromkeys(LEGACY_SPELLINGS, False)
 KEYWORD = inspect.Parameter.KEYWORD_ONLY
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,7 +12,7 @@ from .. import api
 from ..data.sources import ALL_OFFLINE
 from ..recovery.config import FinetuneConfig
 from .app import app, out, split_list, user_errors
-from .options import Flag, flag_annotations, takes_options
+from .options import Flag, field_defaults, flag_annotations, takes_options
 
 FINETUNE_FLAGS = {
     "loss": Flag("kd+lm (KL from the teacher plus next-token loss), kd, or lm (no teacher)."),
@@ -62,12 +61,11 @@ FINETUNE_FLAGS = {
     "train_on_inputs": Flag("Loss on the prompt too (--no-train-on-inputs: response only)."),
     "keep_adapter": Flag("Also save the unmerged adapter in OUTPUT/adapter/."),
 }
-FINETUNE_DEFAULTS = {f.name: f.default for f in fields(FinetuneConfig)}
 
 
 @app.command()
 @user_errors
-@takes_options(flag_annotations(FINETUNE_FLAGS, FinetuneConfig), FINETUNE_DEFAULTS)
+@takes_options(flag_annotations(FINETUNE_FLAGS, FinetuneConfig), field_defaults(FinetuneConfig))
 def finetune(
     model_dir: Annotated[Path, typer.Argument(help="A pruned model directory written by `adapruner prune`.")],
     output: Annotated[Path, typer.Option(help="Directory for the recovered model (same format as a pruned one).")],
